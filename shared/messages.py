@@ -1,0 +1,218 @@
+"""Every payload that crosses the bus, in one place.
+
+JSON on the wire, decoded into typed msgspec Structs. Unknown fields are ignored (producers in
+other languages may add fields); new fields always get defaults, existing types never change.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+Mode = Literal["message", "lora"]
+RunStatus = Literal[
+    "success", "completed_no_improvement", "success_config_failed", "skipped", "failed"
+]
+RunId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Payload(msgspec.Struct, kw_only=True, frozen=True):
+    """Base of every bus payload."""
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+class MemoryPoint(Payload, kw_only=True, frozen=True):
+    """A MindX memory point (`memory.point.created`). Extra MindX fields are ignored."""
+
+    id: int
+    content: str
+    keywords: list[str] = []
+    summary: str | None = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class Pair(msgspec.Struct, kw_only=True, frozen=True):
+    """One user → assistant exchange taken from a memory point."""
+
+    prompt: str
+    completion: str
+    point_id: int
+    turn: int = 0  # position of the pair inside its point
+    kind: Literal["dialogue", "note"] = "dialogue"
+    keywords: tuple[str, ...] = ()
+    created_at: datetime | None = None
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+class TrainingRequested(Payload, kw_only=True, frozen=True):
+    """`training.requested`: missing fields take the service's configured defaults."""
+
+    request_id: str | None = None  # a repeated id starts no second run
+    mode: Mode | None = None
+    base_model: str | None = None
+    min_corpus: int | None = None
+    force: bool = False
+    since: datetime | None = None  # overrides the watermark
+
+
+class TrainingStarted(Payload, kw_only=True, frozen=True):
+    run_id: RunId
+    request_id: str | None = None
+    mode: Mode
+    base_model: str
+    backend: str = "ollama"
+    at: datetime = msgspec.field(default_factory=utc_now)
+
+
+class TrainingProgress(Payload, kw_only=True, frozen=True):
+    """`training.progress.<run_id>`: for UIs and CLIs; not persisted."""
+
+    run_id: RunId
+    stage: str
+    done: int = 0
+    total: int | None = None
+    message: str = ""
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    at: datetime = msgspec.field(default_factory=utc_now)
+
+
+class TrainingFinished(Payload, kw_only=True, frozen=True):
+    """`training.completed` and `training.failed`."""
+
+    run_id: RunId
+    request_id: str | None = None
+    status: RunStatus
+    report: dict[str, Any] = {}
+    report_path: str | None = None
+
+
+# --- model --------------------------------------------------------------------------------------
+
+
+class ModelValidated(Payload, kw_only=True, frozen=True):
+    run_id: RunId
+    base_model: str
+    new_model: str
+    mode: Mode
+    base_score: float
+    new_score: float
+    base_accuracy: float
+    new_accuracy: float
+    improved: bool
+    cases: int
+    report_path: str = ""
+    reason: str = ""
+    request_id: str | None = None
+
+
+class ModelUpdated(Payload, kw_only=True, frozen=True):
+    run_id: str
+    role: str = "left"
+    model: str
+    previous_model: str | None = None
+    config_path: str
+    backup_path: str | None = None
+    rolled_back: bool = False
+    at: datetime = msgspec.field(default_factory=utc_now)
+
+
+class ModelUpdateFailed(Payload, kw_only=True, frozen=True):
+    """`model.update_failed`: the config updater could not apply a validated model."""
+
+    run_id: str
+    error: str
+    at: datetime = msgspec.field(default_factory=utc_now)
+
+
+class RollbackRequested(Payload, kw_only=True, frozen=True):
+    """`model.rollback.requested`: restore the named backup, or the newest one."""
+
+    request_id: str | None = None
+    backup: str | None = None
+
+
+# --- validation (core NATS request/reply, queue group) ------------------------------------------
+
+
+class ValidationCase(Payload, kw_only=True, frozen=True):
+    run_id: RunId
+    case_id: int
+    model: str
+    prompt: str
+    expected: str
+    system: str | None = None  # None: the model's own SYSTEM applies
+    options: dict[str, Any] = {}
+
+
+class ValidationResult(Payload, kw_only=True, frozen=True):
+    run_id: RunId
+    case_id: int
+    model: str
+    answer: str = ""
+    score: float | None = None  # None when error is set
+    error: str | None = None
+    validator: str = ""
+    latency_s: float = 0.0
+
+
+# --- LoRA jobs (JetStream work queue) -----------------------------------------------------------
+
+
+class LoraJob(Payload, kw_only=True, frozen=True):
+    run_id: RunId
+    dataset_object: str  # object-store key of the train_data jsonl
+    base_model: str
+    base_weights: str | None = None  # GGUF path, HF dir or HF id; None: resolve on the worker
+    hyperparams: dict[str, Any] = {}
+
+
+class LoraJobDone(Payload, kw_only=True, frozen=True):
+    run_id: RunId
+    ok: bool
+    error: str | None = None
+    artifacts: dict[str, str] = {}  # kind ("adapter", "merged", "metrics") → object-store key
+    metrics: dict[str, Any] = {}
+    worker: str = ""
+
+
+# --- dead letters -------------------------------------------------------------------------------
+
+
+class DeadLetter(Payload, kw_only=True, frozen=True):
+    subject: str
+    error: str
+    data: str  # the original payload, as text
+    at: datetime = msgspec.field(default_factory=utc_now)
+    consumer: str = ""
+    deliveries: int = 1
+
+
+def encode(payload: Payload | msgspec.Struct) -> bytes:
+    return msgspec.json.encode(payload)
+
+
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+T = TypeVar("T")
+
+
+def decode(data: bytes, typ: type[T]) -> T:
+    """Decode `data` as `typ`; raises msgspec.ValidationError/DecodeError with a clear message."""
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.json.Decoder(typ)
+    return dec.decode(data)

@@ -1,0 +1,217 @@
+"""The one settings object: CLI flags > environment > defaults.
+
+Every field can be set from the environment as `MINDX_<FIELD>` (upper case); a few keep the
+names the ecosystem already uses (`NATS_URL`, `OLLAMA_HOST`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+Backend = Literal["ollama", "local"]
+
+DEFAULT_OLLAMA_EMBED_MODEL = "qllama/bge-small-zh-v1.5:latest"
+DEFAULT_LOCAL_EMBED_MODEL = "all-minilm-l6-v2"
+DEFAULT_OLLAMA_BASE = "qwen3:0.6b"
+DEFAULT_LOCAL_BASE = "smollm2:135m"
+
+# Environment names used by the wider ecosystem, besides MINDX_<FIELD>.
+_ENV_ALIASES = {"nats": "NATS_URL", "ollama": "OLLAMA_HOST"}
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot work."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # where things live
+    workspace: Path = Path(".")  # relative paths below resolve against it
+    data_dir: Path = Path("data")
+    training_dir: Path = Path("training")  # relative to data_dir
+    config: Path = Path("config/models.json")
+    watermark: Path = Path("~/.mindx/training/last_training.json")
+    left_key: str = "brain.left"  # key path of the left-brain model in the config
+    keep_backups: int = 10
+
+    # bus and backend
+    nats: str | None = None  # None: start an embedded nats-server
+    backend: Backend = "ollama"
+    ollama: str = "http://127.0.0.1:11434"
+    model: str | None = None  # base model; None: the backend's default
+    embed_model: str | None = None  # None: the backend's default
+
+    # the run
+    mode: Literal["message", "lora"] = "message"
+    min_corpus: int = 50
+    max_pairs: int = 1000  # quality-score cap on the filtered set
+    max_examples: int = 50  # few-shot messages baked into a message-mode model
+    max_chars: int = 2000  # longest prompt/completion kept (truncated on characters)
+    dedupe_threshold: float = 0.9
+    held_out: int = 20  # validation cases
+    held_out_fraction: float = 0.2  # upper bound when the corpus is small
+    similarity_threshold: float = 0.7
+    min_effect: float = 0.0  # promote only if the CI's lower bound exceeds this
+    bootstrap_samples: int = 2000
+    max_error_rate: float = 0.25  # more scoring errors than this fails the run
+    validation_concurrency: int = 4
+    validation_timeout_s: float = 120.0
+    validation_system: str | None = None  # None: the model's own SYSTEM applies
+    system_prompt: str = (
+        "You are the user's personal assistant. Answer the way the example conversations do: "
+        "same language, tone and level of detail."
+    )
+    temperature: float = 0.0
+    seed: int = 42
+    config_wait_s: float = 30.0  # how long a run waits for the config updater's answer
+
+    # LoRA
+    epochs: int = 3
+    batch_size: int = 1
+    learning_rate: float = 2e-4
+    max_length: int = 512
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    time_budget_s: float | None = None
+    base_weights: str | None = None
+    export: Literal["auto", "adapter", "merged"] = "auto"
+
+    # service behaviour
+    max_deliver: int = 5
+    log_level: str = "INFO"
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # --- derived paths ----------------------------------------------------------------------
+    def resolve(self, p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (self.workspace.expanduser() / p)
+
+    @property
+    def data_path(self) -> Path:
+        return self.resolve(self.data_dir)
+
+    @property
+    def training_path(self) -> Path:
+        t = self.training_dir.expanduser()
+        return t if t.is_absolute() else self.data_path / t
+
+    @property
+    def memory_path(self) -> Path:
+        return self.data_path / "memory"
+
+    @property
+    def config_path(self) -> Path:
+        return self.resolve(self.config)
+
+    @property
+    def watermark_path(self) -> Path:
+        return self.resolve(self.watermark)
+
+    @property
+    def base_model(self) -> str:
+        if self.model:
+            return self.model
+        return DEFAULT_LOCAL_BASE if self.backend == "local" else DEFAULT_OLLAMA_BASE
+
+    @property
+    def embedding_model(self) -> str:
+        if self.embed_model:
+            return self.embed_model
+        return DEFAULT_LOCAL_EMBED_MODEL if self.backend == "local" else DEFAULT_OLLAMA_EMBED_MODEL
+
+    # --- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    ) -> Settings:
+        """Flags (None values ignored) over environment over defaults."""
+        env = dict(os.environ if env is None else env)
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(f"MINDX_{f.name.upper()}")
+            if raw is None and f.name in _ENV_ALIASES:
+                raw = env.get(_ENV_ALIASES[f.name])
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, raw, hints[f.name])
+        for name, value in (flags or {}).items():
+            if value is None or name not in hints or name == "extra":
+                continue
+            values[name] = _coerce(name, value, hints[name]) if isinstance(value, str) else value
+        if "ollama" in values:
+            values["ollama"] = normalize_ollama_host(values["ollama"])
+        s = cls(**values)
+        s.check()
+        return s
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def check(self) -> None:
+        if self.min_corpus < 1:
+            raise SettingsError(f"min_corpus must be >= 1, got {self.min_corpus}")
+        if not 0.0 < self.dedupe_threshold <= 1.0:
+            raise SettingsError(f"dedupe_threshold must be in (0, 1], got {self.dedupe_threshold}")
+        if not 0.0 < self.similarity_threshold <= 1.0:
+            raise SettingsError(
+                f"similarity_threshold must be in (0, 1], got {self.similarity_threshold}"
+            )
+        if self.held_out < 1:
+            raise SettingsError(f"held_out must be >= 1, got {self.held_out}")
+        if self.validation_concurrency < 1:
+            raise SettingsError("validation_concurrency must be >= 1")
+        if self.max_examples < 1:
+            raise SettingsError(f"max_examples must be >= 1, got {self.max_examples}")
+
+
+def normalize_ollama_host(value: str) -> str:
+    """OLLAMA_HOST rules: no scheme → http, port 11434; scheme without port → 80/443."""
+    v = value.strip().strip("\"'").rstrip("/")
+    if "://" not in v:
+        scheme, rest = "http", v
+        default_port = 11434
+    else:
+        scheme, rest = v.split("://", 1)
+        default_port = 443 if scheme == "https" else 80
+    hostport, _, path = rest.partition("/")
+    if hostport.startswith(":"):
+        hostport = "127.0.0.1" + hostport
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = hostport, str(default_port)
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    return f"{scheme}://{host}:{port}" + (f"/{path}" if path else "")
+
+
+def _coerce(name: str, raw: Any, typ: Any) -> Any:
+    args = [a for a in get_args(typ) if a is not type(None)]
+    base = args[0] if args and typ.__class__.__name__ == "UnionType" else typ
+    try:
+        if base is Path or (args and Path in args):
+            return Path(raw)
+        if base is bool:
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        if base is int:
+            return int(raw)
+        if base is float:
+            return float(raw)
+        if getattr(base, "__origin__", None) is tuple or base is tuple:
+            return tuple(x.strip() for x in str(raw).split(",") if x.strip())
+        if getattr(typ, "__origin__", None) is Literal:
+            if raw not in get_args(typ):
+                raise SettingsError(f"{name} must be one of {get_args(typ)}, got {raw!r}")
+            return raw
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, SettingsError):
+            raise
+        raise SettingsError(f"{name}: cannot read {raw!r} as {typ}") from exc
+    return raw
