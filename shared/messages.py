@@ -127,6 +127,7 @@ class ModelUpdated(Payload, kw_only=True, frozen=True):
     backup_path: str | None = None
     rolled_back: bool = False
     at: datetime = msgspec.field(default_factory=utc_now)
+    restored_from: str | None = None  # the backup a rollback restored
 
 
 class ModelUpdateFailed(Payload, kw_only=True, frozen=True):
