@@ -77,4 +77,5 @@ COLLECTOR = ConsumerSpec("collector", "MEMORY", MEMORY_POINT_CREATED)
 TRAINER = ConsumerSpec("trainer", "TRAINING", TRAINING_REQUESTED, max_deliver=3)
 CONFIG_UPDATER = ConsumerSpec("config-updater", "MODEL", MODEL_VALIDATED)
 CONFIG_ROLLBACK = ConsumerSpec("config-rollback", "MODEL", MODEL_ROLLBACK_REQUESTED)
-LORA_WORKER = ConsumerSpec("lora-worker", "LORA_JOBS", LORA_JOBS, ack_wait_s=60.0, max_deliver=3)
+# training runs in a thread, so the keep-alive beats on time even during long steps
+LORA_WORKER = ConsumerSpec("lora-worker", "LORA_JOBS", LORA_JOBS, max_deliver=3)

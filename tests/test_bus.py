@@ -1,0 +1,464 @@
+"""The bus against a real nats-server: acks, retries, dead letters, request/reply, objects."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.js.api import StorageType
+
+from shared import subjects
+from shared.bus import (
+    Bus,
+    BusError,
+    Delivery,
+    NoRespondersError,
+    ObjectNotFoundError,
+    RemoteError,
+    RequestTimeoutError,
+    backoff_delay,
+    stream_for,
+    subject_matches,
+)
+from shared.messages import MemoryPoint, ValidationCase, ValidationResult
+from shared.nats_server import EmbeddedNats
+from shared.subjects import ConsumerSpec
+
+# Production specs with short timers so redelivery tests take seconds, not minutes.
+FAST = dataclasses.replace(subjects.COLLECTOR, ack_wait_s=1.0, backoff_s=[0.05, 0.1])
+
+
+def spec(durable: str, **changes: object) -> ConsumerSpec:
+    return dataclasses.replace(FAST, durable=durable, **changes)
+
+
+def point(i: int, content: str = "hello") -> MemoryPoint:
+    return MemoryPoint(id=i, content=content)
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "expected"),
+    [
+        ("memory.>", "memory.point.created", True),
+        ("memory.>", "memory", False),
+        ("lora.done.>", "lora.done.run1", True),
+        ("training.*", "training.requested", True),
+        ("training.*", "training.progress.r1", False),
+        ("model.validated", "model.validated", True),
+        ("model.validated", "model.validated.x", False),
+        ("dlq.>", "dlq.memory.point.created", True),
+    ],
+)
+def test_subject_matches(pattern: str, subject: str, expected: bool) -> None:
+    assert subject_matches(pattern, subject) is expected
+
+
+def test_every_subject_routes_to_its_stream_or_to_core() -> None:
+    assert stream_for(subjects.MEMORY_POINT_CREATED) == "MEMORY"
+    assert stream_for(subjects.TRAINING_REQUESTED) == "TRAINING"
+    assert stream_for(subjects.MODEL_VALIDATED) == "MODEL"
+    assert stream_for(f"{subjects.LORA_DONE}.r1") == "LORA_DONE"
+    assert stream_for(subjects.dead_letter_subject(subjects.MODEL_VALIDATED)) == "DLQ"
+    assert stream_for(subjects.progress_subject("r1")) is None  # live only
+    assert stream_for(subjects.VALIDATION_CASE) is None
+
+
+def test_backoff_follows_the_spec_and_stays_at_its_last_step() -> None:
+    s = spec("x", backoff_s=[1.0, 2.0])
+    assert [backoff_delay(s, n) for n in (1, 2, 3, 9)] == [1.0, 2.0, 2.0, 2.0]
+
+
+def test_production_consumers_come_back_quickly_after_a_crash() -> None:
+    specs = [v for v in vars(subjects).values() if isinstance(v, ConsumerSpec)]
+    assert len(specs) >= 5
+    for s in specs:
+        # unacked messages of a killed consumer come back within 30 s
+        assert s.ack_wait_s <= 30.0, s
+        assert s.max_deliver >= 2, s
+
+
+# --- connecting and publishing ------------------------------------------------------------------
+
+
+async def test_connect_to_nothing_is_a_clear_bus_error() -> None:
+    with pytest.raises(BusError, match=r"cannot connect to NATS at nats://127\.0\.0\.1:1"):
+        await Bus.connect("nats://127.0.0.1:1", attempts=1, connect_timeout=1)
+
+
+async def test_connect_creates_streams_and_is_idempotent(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    names = {s.name for s in subjects.STREAMS}
+    # Drift a stream's config; the next connect puts it back.
+    info = await bus.js.stream_info("TRAINING")
+    info.config.max_age = 3600.0
+    await bus.js.update_stream(info.config)
+    again = await Bus.connect(nats_server.url)
+    try:
+        for name in names:
+            got = await again.js.stream_info(name)
+            assert got.config.storage == StorageType.FILE
+        restored = await again.js.stream_info("TRAINING")
+        assert restored.config.max_age == pytest.approx(30 * 24 * 3600)
+    finally:
+        await again.close()
+
+
+async def test_publish_stores_captured_subjects_and_sends_the_rest_live(bus: Bus) -> None:
+    live: asyncio.Queue[MemoryPoint] = asyncio.Queue()
+
+    async def on_live(p: MemoryPoint) -> None:
+        await live.put(p)
+
+    await bus.subscribe("some.live.subject", MemoryPoint, on_live)
+    await bus.publish("some.live.subject", point(7))
+    assert (await asyncio.wait_for(live.get(), 5)).id == 7
+
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(1), msg_id="p-1")
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(1), msg_id="p-1")  # deduped
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(2))
+    info = await bus.js.stream_info("MEMORY")
+    assert info.state.messages == 2
+
+
+# --- durable consumers: decoding and dead letters -----------------------------------------------
+
+
+MALFORMED = {
+    b"this is not json": "decode: JSON is malformed",
+    b'{"id": "x", "content": "a"}': "$.id",
+    b'{"id": 1, "content": 5}': "$.content",
+    b'{"id": 1, "content": "a", "keywords": [1]}': "$.keywords[0]",
+}
+
+
+async def test_malformed_payloads_are_dead_lettered_and_the_consumer_goes_on(bus: Bus) -> None:
+    s = spec("malformed")
+    got: asyncio.Queue[MemoryPoint] = asyncio.Queue()
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        await got.put(p)
+
+    for data in MALFORMED:
+        await bus.publish_raw(subjects.MEMORY_POINT_CREATED, data)
+    # Extra fields from MindX are fine.
+    await bus.publish_raw(
+        subjects.MEMORY_POINT_CREATED, b'{"id": 9, "content": "ok", "vector": [0.1], "w": 1}'
+    )
+    await bus.serve(s, MemoryPoint, handler)
+
+    first = await asyncio.wait_for(got.get(), 10)
+    assert first.id == 9 and first.content == "ok"
+    await bus.wait_idle(s, timeout=10)
+    assert got.empty()
+
+    letters = await bus.dead_letters()
+    assert [dl.data.encode() for dl in letters] == list(MALFORMED)
+    for dl, reason in zip(letters, MALFORMED.values(), strict=True):
+        assert dl.error.startswith("decode: ")
+        assert reason in dl.error
+        assert dl.subject == subjects.MEMORY_POINT_CREATED
+        assert dl.consumer == "malformed"
+        assert dl.deliveries == 1
+    assert len(await bus.dead_letters(subject=subjects.MEMORY_POINT_CREATED)) == 4
+    assert await bus.dead_letters(subject=subjects.MODEL_VALIDATED) == []
+    assert [dl.data.encode() for dl in await bus.dead_letters(limit=2)] == list(MALFORMED)[2:]
+
+
+async def test_a_handler_that_keeps_failing_ends_in_the_dead_letter_stream(bus: Bus) -> None:
+    s = spec("failing", max_deliver=3)
+    tries: list[tuple[int, int]] = []
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        tries.append((p.id, delivery.num_delivered))
+        raise ValueError(f"cannot store point {p.id}")
+
+    await bus.serve(s, MemoryPoint, handler)
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(42))
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(43))
+    await bus.wait_idle(s, timeout=15)
+
+    # Retries of the two points may interleave (nak delays); each gets exactly 3 tries.
+    assert sorted(tries) == [(42, 1), (42, 2), (42, 3), (43, 1), (43, 2), (43, 3)]
+    letters = sorted(await bus.dead_letters(), key=lambda dl: dl.data)
+    assert [dl.error for dl in letters] == [
+        "ValueError('cannot store point 42')",
+        "ValueError('cannot store point 43')",
+    ]
+    assert all(dl.deliveries == 3 and dl.consumer == "failing" for dl in letters)
+    assert msgspec.json.decode(letters[0].data)["id"] == 42
+
+
+async def test_a_transient_failure_is_retried_with_one_effect(bus: Bus) -> None:
+    s = spec("transient")
+    calls: list[int] = []
+    stored: dict[int, str] = {}
+    done = asyncio.Event()
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        calls.append(delivery.num_delivered)
+        if delivery.num_delivered == 1:
+            raise ConnectionError("disk busy")
+        stored[p.id] = p.content
+        done.set()
+
+    await bus.serve(s, MemoryPoint, handler)
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(5, "remember this"))
+    await asyncio.wait_for(done.wait(), 10)
+    await bus.wait_idle(s, timeout=10)
+    assert calls == [1, 2]
+    assert stored == {5: "remember this"}
+    assert await bus.dead_letters() == []
+
+
+# --- durable consumers: crashes, shutdown, keep-alive -------------------------------------------
+
+
+async def test_the_unacked_message_of_a_crashed_consumer_comes_back(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    s = spec("crash")
+    started = asyncio.Event()
+
+    async def stuck(p: MemoryPoint, delivery: Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()  # never finishes: the process "dies" meanwhile
+
+    doomed = await Bus.connect(nats_server.url, name="doomed")
+    await doomed.serve(s, MemoryPoint, stuck, grace=0.1)
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(3, "survives"))
+    await asyncio.wait_for(started.wait(), 10)
+    await doomed.nc.close()  # a crash: no ack, no nak
+
+    got: asyncio.Queue[tuple[MemoryPoint, int]] = asyncio.Queue()
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        await got.put((p, delivery.num_delivered))
+
+    await bus.serve(s, MemoryPoint, handler)
+    again, num = await asyncio.wait_for(got.get(), 10)  # after ack_wait (1 s)
+    assert (again.id, again.content, num) == (3, "survives", 2)
+    await bus.wait_idle(s, timeout=10)
+    await doomed.close()
+
+
+async def test_a_message_whose_consumers_keep_dying_is_dead_lettered_unrun(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    s = spec("poison", max_deliver=1)
+    started = asyncio.Event()
+
+    async def stuck(p: MemoryPoint, delivery: Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    doomed = await Bus.connect(nats_server.url, name="doomed")
+    await doomed.serve(s, MemoryPoint, stuck, grace=0.1)
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(4))
+    await asyncio.wait_for(started.wait(), 10)
+    await doomed.nc.close()
+
+    ran: list[int] = []
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        ran.append(p.id)
+
+    await bus.serve(s, MemoryPoint, handler)
+    await bus.wait_idle(s, timeout=10)
+    letters = await bus.dead_letters()
+    assert ran == []
+    assert len(letters) == 1 and "no outcome after 1 deliveries" in letters[0].error
+    await doomed.close()
+
+
+async def test_stop_hands_back_the_running_message_at_once(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    s = spec("handback", ack_wait_s=30.0)  # redelivery can only come from the nak
+    started = asyncio.Event()
+
+    async def slow(p: MemoryPoint, delivery: Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    first = await Bus.connect(nats_server.url, name="first")
+    service = await first.serve(s, MemoryPoint, slow, grace=0.1)
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(8))
+    await asyncio.wait_for(started.wait(), 10)
+    await service.stop()
+
+    got: asyncio.Queue[int] = asyncio.Queue()
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        await got.put(delivery.num_delivered)
+
+    await bus.serve(s, MemoryPoint, handler)
+    assert await asyncio.wait_for(got.get(), 10) == 2
+    await first.close()
+
+
+async def _two_consumers_one_long_job(
+    nats_server: EmbeddedNats, bus: Bus, s: ConsumerSpec, *, keep_alive: bool
+) -> list[int]:
+    """Two consumers share a durable; the first delivery takes 2.5 x ack_wait.
+
+    A redelivery would go to the idle consumer at once, so `deliveries` shows it.
+    """
+    deliveries: list[int] = []
+    redelivered = asyncio.Event()
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        deliveries.append(delivery.num_delivered)
+        if delivery.num_delivered > 1:
+            redelivered.set()
+            return
+        if keep_alive:
+            async with delivery.keep_alive(every=0.2):
+                await asyncio.sleep(2.5 * s.ack_wait_s)  # the long work itself
+        else:
+            await asyncio.wait_for(redelivered.wait(), 10)
+
+    other = await Bus.connect(nats_server.url, name="other")
+    try:
+        await bus.serve(s, MemoryPoint, handler)
+        await other.serve(s, MemoryPoint, handler)
+        await bus.publish(subjects.MEMORY_POINT_CREATED, point(11))
+        await bus.wait_idle(s, timeout=15)
+    finally:
+        await other.close()
+    return deliveries
+
+
+async def test_keep_alive_stops_redelivery_of_long_work(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    assert await _two_consumers_one_long_job(nats_server, bus, spec("long"), keep_alive=True) == [1]
+
+
+async def test_without_keep_alive_long_work_is_redelivered(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    got = await _two_consumers_one_long_job(nats_server, bus, spec("short"), keep_alive=False)
+    assert got == [1, 2]
+
+
+async def test_wait_idle_times_out_while_work_is_pending(bus: Bus) -> None:
+    s = spec("busy", ack_wait_s=30.0)
+    started = asyncio.Event()
+
+    async def slow(p: MemoryPoint, delivery: Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    await bus.serve(s, MemoryPoint, slow, grace=0.1)
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(1))
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(2))
+    await asyncio.wait_for(started.wait(), 10)
+    with pytest.raises(RequestTimeoutError, match="1 pending, 1 awaiting ack"):
+        await bus.wait_idle(s, timeout=0.3)
+
+
+# --- request / reply ----------------------------------------------------------------------------
+
+
+def case(i: int) -> ValidationCase:
+    return ValidationCase(run_id="r1", case_id=i, model="m", prompt="p", expected="e")
+
+
+async def test_a_queue_group_shares_requests(nats_server: EmbeddedNats, bus: Bus) -> None:
+    served: dict[str, list[int]] = {"a": [], "b": []}
+
+    def responder(name: str) -> Callable[[ValidationCase], Awaitable[ValidationResult]]:
+        async def handle(c: ValidationCase) -> ValidationResult:
+            served[name].append(c.case_id)
+            return ValidationResult(
+                run_id=c.run_id, case_id=c.case_id, model=c.model, score=1.0, validator=name
+            )
+
+        return handle
+
+    other = await Bus.connect(nats_server.url, name="validator-b")
+    try:
+        q = subjects.VALIDATOR_QUEUE
+        await bus.reply(subjects.VALIDATION_CASE, ValidationCase, responder("a"), queue=q)
+        await other.reply(subjects.VALIDATION_CASE, ValidationCase, responder("b"), queue=q)
+        await other.nc.flush()
+        results = await asyncio.gather(
+            *(
+                bus.request(subjects.VALIDATION_CASE, case(i), ValidationResult, timeout=5)
+                for i in range(40)
+            )
+        )
+    finally:
+        await other.close()
+    assert [r.case_id for r in results] == list(range(40))
+    assert sorted(served["a"] + served["b"]) == list(range(40))  # each case answered once
+    assert served["a"] and served["b"]
+    assert {r.validator for r in results} == {"a", "b"}
+
+
+async def test_request_without_responders_fails_at_once(bus: Bus) -> None:
+    with pytest.raises(NoRespondersError, match=subjects.VALIDATION_CASE):
+        await bus.request(subjects.VALIDATION_CASE, case(1), ValidationResult, timeout=30)
+
+
+async def test_request_errors_are_distinct(bus: Bus) -> None:
+    async def broken(c: ValidationCase) -> ValidationResult:
+        if c.case_id == 1:
+            raise RuntimeError("model not loaded")
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError
+
+    await bus.reply(subjects.VALIDATION_CASE, ValidationCase, broken)
+    with pytest.raises(RemoteError, match="model not loaded"):
+        await bus.request(subjects.VALIDATION_CASE, case(1), ValidationResult, timeout=5)
+    with pytest.raises(RemoteError, match=r"decode: .*`run_id`") as info:
+        await bus.request(subjects.VALIDATION_CASE, point(1), ValidationResult, timeout=5)
+    assert info.value.code == "400"
+    with pytest.raises(RequestTimeoutError):
+        await bus.request(subjects.VALIDATION_CASE, case(2), ValidationResult, timeout=0.3)
+
+
+# --- object store -------------------------------------------------------------------------------
+
+
+async def test_object_store_round_trip(bus: Bus, tmp_path: Path) -> None:
+    src = tmp_path / "adapter.gguf"
+    data = os.urandom(300 * 1024 + 17)  # several chunks, the last one partial
+    src.write_bytes(data)
+    await bus.put_object("runs/r1/adapter.gguf", src)
+
+    dest = await bus.get_object("runs/r1/adapter.gguf", tmp_path / "out" / "adapter.gguf")
+    assert dest.read_bytes() == data
+
+    src.write_bytes(b"second version")  # the same key is replaced
+    await bus.put_object("runs/r1/adapter.gguf", src)
+    await bus.get_object("runs/r1/adapter.gguf", dest)
+    assert dest.read_bytes() == b"second version"
+
+    with pytest.raises(ObjectNotFoundError, match=r"missing\.bin"):
+        await bus.get_object("missing.bin", tmp_path / "missing.bin")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter.gguf"]
+    assert not (tmp_path / "missing.bin").exists()
+
+
+async def test_batched_fetch_keeps_stream_order(bus: Bus) -> None:
+    s = spec("batched")
+    seen: list[int] = []
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        seen.append(p.id)
+
+    for i in range(50):
+        await bus.publish(subjects.MEMORY_POINT_CREATED, point(i))
+    await bus.serve(s, MemoryPoint, handler, batch=16)
+    await bus.wait_idle(s, timeout=10)
+    assert seen == list(range(50))
