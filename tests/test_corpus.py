@@ -1,0 +1,114 @@
+"""The SQLite corpus: idempotent upserts, watermark queries, private files, two processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import stat
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from services.collector import pairs_from_point
+from shared.corpus import Corpus
+from shared.messages import MemoryPoint
+
+CST = timezone(timedelta(hours=8))
+T0 = datetime(2025, 3, 3, 7, 0, tzinfo=CST)
+
+
+def pt(pid: int, content: str, created: datetime = T0, updated: datetime | None = None):
+    return MemoryPoint(
+        id=pid,
+        content=content,
+        keywords=["k"],
+        created_at=created,
+        updated_at=updated or created,
+    )
+
+
+def upsert(corpus: Corpus, p: MemoryPoint) -> str:
+    return corpus.upsert_point(p, pairs_from_point(p))
+
+
+@pytest.fixture
+def corpus(tmp_path: Path):
+    with Corpus.open(tmp_path / "data" / "corpus.sqlite3") as c:
+        yield c
+
+
+def test_redelivery_changes_nothing_and_newer_version_replaces_pairs(corpus: Corpus) -> None:
+    v1 = pt(7, "User: a\nAssistant: b\nUser: c\nAssistant: d")
+    assert upsert(corpus, v1) == "added"
+    assert upsert(corpus, v1) == "unchanged"
+    older = pt(7, "User: x\nAssistant: y", updated=T0 - timedelta(hours=1))
+    assert upsert(corpus, older) == "unchanged"
+    assert [(p.prompt, p.completion) for p in corpus.pairs()] == [("a", "b"), ("c", "d")]
+
+    v2 = pt(7, "User: new\nAssistant: answer", updated=T0 + timedelta(days=1))
+    assert upsert(corpus, v2) == "updated"
+    assert [(p.prompt, p.completion, p.turn) for p in corpus.pairs()] == [("new", "answer", 0)]
+    assert upsert(corpus, v2) == "unchanged"
+    assert corpus.stats() == {"points": 1, "pairs": 1, "pairs_since_watermark": 1}
+    assert corpus.points()[0].content == v2.content
+
+
+def test_since_uses_the_later_of_created_and_updated(corpus: Corpus) -> None:
+    upsert(corpus, pt(1, "User: old\nAssistant: one"))
+    upsert(corpus, pt(2, "User: edited\nAssistant: two", updated=T0 + timedelta(days=3)))
+    upsert(corpus, pt(3, "User: new\nAssistant: three", created=T0 + timedelta(days=2)))
+    # the watermark is in UTC: same instant as T0 + 1 day in +08:00
+    since = (T0 + timedelta(days=1)).astimezone(UTC)
+    assert [p.point_id for p in corpus.pairs(since)] == [2, 3]
+    assert [p.id for p in corpus.points(since)] == [2, 3]
+    assert corpus.stats(since) == {"points": 3, "pairs": 3, "pairs_since_watermark": 2}
+    # strictly after: a point changed exactly at the watermark was already trained on
+    assert [p.point_id for p in corpus.pairs(T0 + timedelta(days=2))] == [2]
+    # a naive watermark is UTC
+    assert len(corpus.pairs(datetime(2025, 3, 1))) == 3
+
+
+def test_pairs_come_back_typed_in_point_and_turn_order(corpus: Corpus) -> None:
+    upsert(corpus, pt(20, "User: b1\nAssistant: r1\nUser: b2\nAssistant: r2"))
+    upsert(corpus, pt(10, "用户：问\n助手：答"))
+    pairs = corpus.pairs()
+    assert [(p.point_id, p.turn) for p in pairs] == [(10, 0), (20, 0), (20, 1)]
+    assert pairs[0].prompt == "问" and pairs[0].keywords == ("k",)
+    assert pairs[0].created_at == T0 and pairs[0].created_at.tzinfo is not None
+    assert pairs[0].created_at.utcoffset() == timedelta(0)  # stored as UTC
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.sqlite3"
+    with Corpus.open(path) as c:
+        upsert(c, pt(1, "User: q\nAssistant: a"))
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("corpus.sqlite3")]
+        assert any(p.name.endswith("-wal") for p in files)  # WAL mode
+        for p in files:
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
+def _write_points(path: str, start: int, n: int) -> None:
+    with Corpus.open(Path(path)) as c:
+        for i in range(start, start + n):
+            c.upsert_point(
+                pt(i, f"User: q{i}\nAssistant: a{i}"),
+                pairs_from_point(pt(i, f"User: q{i}\nAssistant: a{i}")),
+            )
+
+
+def test_two_processes_write_while_one_reads(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.sqlite3"
+    with Corpus.open(path) as reader:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_write_points, args=(str(path), k * 1000, 100)) for k in (1, 2)]
+        for p in procs:
+            p.start()
+        seen = 0
+        while any(p.is_alive() for p in procs):
+            seen = max(seen, reader.stats()["pairs"])  # reads never fail during writes
+        for p in procs:
+            p.join()
+            assert p.exitcode == 0
+        assert reader.stats() == {"points": 200, "pairs": 200, "pairs_since_watermark": 200}
+        assert seen <= 200
