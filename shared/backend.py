@@ -159,3 +159,14 @@ def _number(raw: str) -> Any:
     if raw in ("true", "false"):
         return raw == "true"
     return raw
+
+
+def open_backend(settings: Any) -> Backend:
+    """The backend the settings name; heavy runtimes are imported only when chosen."""
+    if settings.backend == "local":
+        from shared.runtime import LocalBackend
+
+        return LocalBackend(settings.data_path / "models", seed=settings.seed)
+    from shared.ollama import OllamaClient
+
+    return OllamaClient(settings.ollama)

@@ -50,6 +50,7 @@ class Settings:
     min_corpus: int = 50
     max_pairs: int = 1000  # quality-score cap on the filtered set
     max_examples: int = 50  # few-shot messages baked into a message-mode model
+    example_budget_chars: int = 6000  # baked examples must leave room in the context window
     max_chars: int = 2000  # longest prompt/completion kept (truncated on characters)
     dedupe_threshold: float = 0.9
     held_out: int = 20  # validation cases

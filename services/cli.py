@@ -1,0 +1,485 @@
+"""`mindx`: the command line over the services.
+
+Each command resolves one Settings object (flags > env > defaults), connects to the bus (an
+embedded nats-server when none is given) and calls library code. Expected failures print one
+line and exit non-zero; set MINDX_DEBUG=1 for a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from shared.settings import Settings
+
+log = logging.getLogger("mindx")
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--workspace", help="directory that relative paths resolve against")
+    g.add_argument("--data-dir", dest="data_dir", help="data directory (default: data)")
+    g.add_argument("--config", help="app model config (default: config/models.json)")
+    g.add_argument("--training-dir", dest="training_dir", help="run files (default: training)")
+    g.add_argument("--watermark", help="last-train-time file")
+    g.add_argument("--nats", help="NATS URL (default: NATS_URL, else an embedded server)")
+    g.add_argument("--backend", choices=["ollama", "local"], help="model backend")
+    g.add_argument("--ollama", help="Ollama URL (default: OLLAMA_HOST or 127.0.0.1:11434)")
+    g.add_argument("--embed-model", dest="embed_model", help="embedding model")
+    g.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-once", action="store_true", help="run one training and exit")
+    p.add_argument("--mode", choices=["message", "lora"], help="training mode (default: message)")
+    p.add_argument("--model", help="base model (default: qwen3:0.6b; smollm2:135m when local)")
+    p.add_argument("--min-corpus", dest="min_corpus", type=int, help="minimum pairs (default: 50)")
+    p.add_argument("--since", help="take pairs newer than this RFC3339 time (overrides watermark)")
+    p.add_argument("--force", action="store_true", help="run even below the corpus minimums")
+    p.add_argument("--held-out", dest="held_out", type=int, help="validation cases (default: 20)")
+    p.add_argument("--min-effect", dest="min_effect", type=float, help="minimum CI lower bound")
+    p.add_argument("--max-examples", dest="max_examples", type=int, help="few-shot examples (50)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    lg = p.add_argument_group("lora")
+    lg.add_argument("--epochs", type=int)
+    lg.add_argument("--batch-size", dest="batch_size", type=int)
+    lg.add_argument("--learning-rate", dest="learning_rate", type=float)
+    lg.add_argument("--max-length", dest="max_length", type=int)
+    lg.add_argument("--lora-rank", dest="lora_rank", type=int)
+    lg.add_argument("--lora-alpha", dest="lora_alpha", type=int)
+    lg.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds")
+    lg.add_argument("--base-weights", dest="base_weights", help="GGUF path, HF dir or HF id")
+    lg.add_argument("--export", choices=["auto", "adapter", "merged"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mindx", description="Personalize the local left-brain model from memory."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (a service, or one run with --run-once)")
+    _common(p)
+    _train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="serve components: collector trainer validator ... | all")
+    _common(p)
+    p.add_argument("components", nargs="+")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("memory", help="memory points")
+    msub = p.add_subparsers(dest="memory_command", required=True)
+    q = msub.add_parser("import", help="publish memory points from .jsonl / .json files")
+    _common(q)
+    q.add_argument("files", nargs="+", type=Path)
+    q.set_defaults(func=cmd_memory_import)
+
+    p = sub.add_parser("corpus", help="the collected corpus")
+    csub = p.add_subparsers(dest="corpus_command", required=True)
+    q = csub.add_parser("stats", help="points, pairs and pairs since the watermark")
+    _common(q)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_corpus_stats)
+
+    p = sub.add_parser("rollback", help="restore a config backup and announce model.updated")
+    _common(p)
+    p.add_argument("--to", dest="to", help="backup file name (default: the newest)")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("backups", help="list config backups, newest first")
+    _common(p)
+    p.set_defaults(func=cmd_backups)
+
+    p = sub.add_parser("dlq", help="dead-lettered messages")
+    dsub = p.add_subparsers(dest="dlq_command", required=True)
+    q = dsub.add_parser("list", help="list dead letters")
+    _common(q)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_dlq_list)
+
+    p = sub.add_parser("report", help="summary of a run report (default: the latest)")
+    _common(p)
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+# --- shared plumbing ----------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[Any]:
+    """The bus: the configured NATS, else an embedded server stored under the data dir."""
+    from shared.bus import Bus
+    from shared.nats_server import ensure_nats
+
+    async with ensure_nats(settings.nats, settings.data_path / "nats") as url:
+        bus = await Bus.connect(url)
+        try:
+            yield bus
+        finally:
+            await bus.close()
+
+
+async def _check_backend(res: Any) -> None:
+    backend = await res.backend()
+    try:
+        await backend.version()
+    except Exception as exc:
+        where = res.settings.ollama if res.settings.backend == "ollama" else "local runtime"
+        raise UserFacingError(
+            f"cannot reach the {res.settings.backend} backend at {where}: {exc} "
+            "(start Ollama, or use --backend local)"
+        ) from exc
+
+
+class UserFacingError(Exception):
+    """An expected failure: printed as one line."""
+
+
+async def import_memory(bus: Any, files: list[Path]) -> tuple[int, list[str]]:
+    """Publish every readable point; returns (published, errors).
+
+    The message id is the point id and version, so JetStream drops a repeated import.
+    """
+    from services.memory_adapter import read_memory_file
+    from shared import subjects
+
+    published, errors = 0, []
+    for f in files:
+        if not f.exists():
+            raise UserFacingError(f"no such file: {f}")
+        points, errs = read_memory_file(f)
+        errors += errs
+        for p in points:
+            version = (
+                (p.updated_at or p.created_at).isoformat() if (p.updated_at or p.created_at) else ""
+            )
+            await bus.publish(subjects.MEMORY_POINT_CREATED, p, msg_id=f"point-{p.id}-{version}")
+            published += 1
+    return published, errors
+
+
+def memory_files(settings: Settings) -> list[Path]:
+    d = settings.memory_path
+    return sorted([*d.glob("*.jsonl"), *d.glob("*.json")]) if d.is_dir() else []
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from services import app
+
+    if not args.run_once:
+        return await _serve(settings, ["trainer"])
+
+    from services.report import summary_text
+    from shared import subjects
+    from shared.messages import TrainingFinished, TrainingProgress, TrainingRequested
+
+    async with connect(settings) as bus, app.resources(settings) as res:
+        await _check_backend(res)
+        services = await app.start(
+            bus, res, [*app.ALL, *(["lora-worker"] if settings.mode == "lora" else [])]
+        )
+        try:
+            files = memory_files(settings)
+            if files:
+                n, errors = await import_memory(bus, files)
+                for e in errors:
+                    print(f"skipped: {e}", file=sys.stderr)
+                from shared.subjects import COLLECTOR
+
+                await bus.wait_idle(COLLECTOR, timeout=600)
+                print(f"imported {n} memory points from {len(files)} file(s)", file=sys.stderr)
+
+            request_id = uuid.uuid4().hex
+            loop = asyncio.get_running_loop()
+            finished: asyncio.Future[TrainingFinished] = loop.create_future()
+            bars = ProgressBars(enabled=not args.json)
+
+            async def on_finished(ev: TrainingFinished) -> None:
+                if ev.request_id == request_id and not finished.done():
+                    finished.set_result(ev)
+
+            async def on_progress(ev: TrainingProgress) -> None:
+                bars.update(ev)
+
+            subs = [
+                await bus.subscribe(subjects.TRAINING_COMPLETED, TrainingFinished, on_finished),
+                await bus.subscribe(subjects.TRAINING_FAILED, TrainingFinished, on_finished),
+                await bus.subscribe(
+                    f"{subjects.TRAINING_PROGRESS}.*", TrainingProgress, on_progress
+                ),
+            ]
+            since = None
+            if args.since:
+                from datetime import datetime
+
+                since = datetime.fromisoformat(args.since)
+            await bus.publish(
+                subjects.TRAINING_REQUESTED,
+                TrainingRequested(
+                    request_id=request_id,
+                    mode=settings.mode,
+                    base_model=settings.base_model,
+                    min_corpus=settings.min_corpus,
+                    force=bool(args.force),
+                    since=since,
+                ),
+                msg_id=request_id,
+            )
+            result = await finished
+            bars.close()
+            for sub in subs:
+                await sub.stop()
+        finally:
+            await app.stop(services)
+
+    from services.report import RunReport
+
+    report = msgspec.convert(result.report, RunReport)
+    if args.json:
+        print(json.dumps(result.report, ensure_ascii=False, indent=2))
+    else:
+        html = report.artifacts.get("report_html", "")
+        print(summary_text(report, Path(html) if html else None))
+    return EXIT_RUN_FAILED if report.status in ("failed", "success_config_failed") else EXIT_OK
+
+
+async def _serve(settings: Settings, names: list[str]) -> int:
+    import signal
+
+    from services import app
+
+    if names == ["all"]:
+        names = list(app.ALL)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with connect(settings) as bus, app.resources(settings) as res:
+        services = await app.start(bus, res, names)
+        print(f"serving {', '.join(names)} on {bus.url}", file=sys.stderr)
+        try:
+            await stop.wait()
+        finally:
+            await app.stop(services)
+    return EXIT_OK
+
+
+async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    return await _serve(settings, args.components)
+
+
+async def cmd_memory_import(settings: Settings, args: argparse.Namespace) -> int:
+    from services import app
+    from shared.subjects import COLLECTOR
+
+    async with connect(settings) as bus, app.resources(settings) as res:
+        services = await app.start(bus, res, ["collector"])
+        try:
+            n, errors = await import_memory(bus, args.files)
+            await bus.wait_idle(COLLECTOR, timeout=600)
+        finally:
+            await app.stop(services)
+    for e in errors:
+        print(f"skipped: {e}", file=sys.stderr)
+    print(f"imported {n} memory points ({len(errors)} skipped)")
+    return EXIT_OK
+
+
+async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
+    from services.memory_adapter import load_watermark
+    from shared.corpus import Corpus
+
+    with Corpus.open(settings.data_path / "corpus.sqlite3") as corpus:
+        stats = corpus.stats(load_watermark(settings.watermark_path))
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(
+            f"points {stats['points']}  pairs {stats['pairs']}  "
+            f"pairs since watermark {stats['pairs_since_watermark']}"
+        )
+    return EXIT_OK
+
+
+async def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    from services import app
+    from shared import subjects
+    from shared.messages import ModelUpdated, ModelUpdateFailed, RollbackRequested
+
+    async with connect(settings) as bus, app.resources(settings) as res:
+        services = await app.start(bus, res, ["config-updater"])
+        try:
+            request_id = uuid.uuid4().hex
+            done: asyncio.Future[ModelUpdated | str] = asyncio.get_running_loop().create_future()
+
+            async def on_updated(ev: ModelUpdated) -> None:
+                if ev.rolled_back and ev.run_id == request_id and not done.done():
+                    done.set_result(ev)
+
+            async def on_failed(ev: ModelUpdateFailed) -> None:
+                if ev.run_id == request_id and not done.done():
+                    done.set_result(ev.error)
+
+            subs = [
+                await bus.subscribe(subjects.MODEL_UPDATED, ModelUpdated, on_updated),
+                await bus.subscribe(subjects.MODEL_UPDATE_FAILED, ModelUpdateFailed, on_failed),
+            ]
+            await bus.publish(
+                subjects.MODEL_ROLLBACK_REQUESTED,
+                RollbackRequested(request_id=request_id, backup=args.to),
+                msg_id=request_id,
+            )
+            try:
+                outcome = await asyncio.wait_for(done, 30)
+            except TimeoutError as exc:
+                raise UserFacingError("rollback: no answer from the config updater") from exc
+            finally:
+                for sub in subs:
+                    await sub.stop()
+        finally:
+            await app.stop(services)
+    if isinstance(outcome, str):
+        raise UserFacingError(f"rollback failed: {outcome}")
+    print(
+        f"left brain: {outcome.previous_model} -> {outcome.model} "
+        f"(restored {outcome.restored_from}; the replaced config is saved as {outcome.backup_path})"
+    )
+    return EXIT_OK
+
+
+async def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
+    from services.config_updater import list_backups
+
+    backups = list_backups(settings.config_path)
+    if not backups:
+        print(f"no backups of {settings.config_path}")
+    for b in backups:
+        print(b)
+    return EXIT_OK
+
+
+async def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    async with connect(settings) as bus:
+        letters = await bus.dead_letters()
+    rows = [
+        {"subject": d.subject, "error": d.error, "data": d.data, "at": d.at.isoformat()}
+        for d in letters
+    ]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+    else:
+        if not rows:
+            print("no dead letters")
+        for r in rows:
+            print(f"{r['at']}  {r['subject']}  {r['error']}\n    {r['data'][:200]}")
+    return EXIT_OK
+
+
+async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
+    from services.report import find_report, read_report, summary_text
+
+    path = find_report(settings.training_path, args.run_id)
+    report = read_report(path)
+    if args.json:
+        print(path.read_text())
+        return EXIT_OK
+    print(summary_text(report, path.with_suffix(".html")))
+    return EXIT_OK
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+class ProgressBars:
+    """One bar per stage in a terminal; plain lines otherwise."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._bar: Any = None
+        self._stage = ""
+
+    def update(self, ev: Any) -> None:
+        if not self.enabled:
+            return
+        if ev.stage != self._stage:
+            self.close()
+            self._stage = ev.stage
+            if self.tty and ev.total:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=ev.total, desc=ev.stage, unit="step", leave=True)
+            else:
+                print(f"[{ev.stage}] {ev.message}", file=sys.stderr)
+        if self._bar is not None:
+            self._bar.n = ev.done
+            post = {}
+            if ev.loss is not None:
+                post["loss"] = f"{ev.loss:.3f}"
+            if ev.tokens_per_s:
+                post["tok/s"] = f"{ev.tokens_per_s:.0f}"
+            if post:
+                self._bar.set_postfix(post)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    try:
+        settings = Settings.load(flags)
+    except ValueError as exc:
+        print(f"mindx {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO)
+        if os.environ.get("MINDX_DEBUG")
+        else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(args.func(settings, args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("MINDX_DEBUG"):
+            raise
+        print(f"mindx {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
