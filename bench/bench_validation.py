@@ -1,0 +1,151 @@
+"""Validation throughput: 1, 2 and 4 validator processes against a backend with fixed latency.
+
+The backend is the Ollama test double with a fixed delay per call (default 200 ms), so the
+numbers measure the pipeline, not a model. Baselines, measured in the same run:
+  - the original's loop: one case at a time (chat, embed), plus its 100 ms sleep per case;
+  - one validator process (the speed-up ratios for 2 and 4 are against it).
+
+    python -m bench.bench_validation [--cases 40] [--latency 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from services.validator import validate_cases
+from shared import subjects
+from shared.backend import ChatMessage
+from shared.bus import Bus
+from shared.embeddings import Embedder
+from shared.messages import ValidationCase, ValidationResult
+from shared.nats_server import EmbeddedNats
+from shared.ollama import OllamaClient
+from tests.ollama_double import OllamaDouble
+
+EMBED_MODEL = "qllama/bge-small-zh-v1.5:latest"
+CHAT_MODEL = "qwen3:0.6b"
+
+
+def make_cases(run: str, n: int) -> list[ValidationCase]:
+    # distinct texts per round so no embedding cache helps a later round
+    return [
+        ValidationCase(
+            run_id=run,
+            case_id=i,
+            model=CHAT_MODEL,
+            prompt=f"[{run}] Is there a cheap hotel in the north of town, number {i}?",
+            expected=f"[{run}] Yes, the Acorn guest house is cheap and in the north ({i}).",
+        )
+        for i in range(n)
+    ]
+
+
+async def original_loop(url: str, cases: list[ValidationCase]) -> float:
+    """One case at a time, then the original's 100 ms sleep."""
+    async with OllamaClient(url) as client:
+        embedder = Embedder(client, EMBED_MODEL)
+        t0 = time.perf_counter()
+        for case in cases:
+            reply = await client.chat(case.model, [ChatMessage(role="user", content=case.prompt)])
+            await embedder.embed([reply.message.content, case.expected])
+            await asyncio.sleep(0.1)
+        return time.perf_counter() - t0
+
+
+def start_validators(
+    k: int, nats_url: str, ollama_url: str, workdir: Path
+) -> list[subprocess.Popen]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "services.cli", "serve", "validator",
+        "--nats", nats_url, "--ollama", ollama_url, "--embed-model", EMBED_MODEL,
+        "--data-dir", str(workdir),
+    ]  # fmt: skip
+    return [subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL) for _ in range(k)]
+
+
+async def wait_for_validators(bus: Bus, k: int) -> None:
+    """Each process answers once it has joined the queue group."""
+    deadline = time.monotonic() + 60
+    seen: set[str] = set()
+    i = 0
+    while len(seen) < k and time.monotonic() < deadline:
+        i += 1
+        case = make_cases(f"warm{i}", 1)[0]
+        try:
+            r = await bus.request(subjects.VALIDATION_CASE, case, ValidationResult, timeout=5)
+            seen.add(r.validator)
+        except Exception:
+            await asyncio.sleep(0.2)
+    if len(seen) < k:
+        raise RuntimeError(f"only {len(seen)} of {k} validators answered")
+
+
+async def with_processes(bus: Bus, k: int, nats_url: str, ollama_url: str, n: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = start_validators(k, nats_url, ollama_url, Path(tmp))
+        try:
+            await wait_for_validators(bus, k)
+            cases = make_cases(f"k{k}", n)
+            t0 = time.perf_counter()
+            results = await validate_cases(bus, cases, concurrency=4 * k, timeout_s=30)
+            elapsed = time.perf_counter() - t0
+            errors = [r.error for r in results if r.error]
+            if errors:
+                raise RuntimeError(f"{len(errors)} cases failed: {errors[0]}")
+            return elapsed
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(10)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--latency", type=float, default=0.2)
+    args = ap.parse_args()
+    n = args.cases
+    with tempfile.TemporaryDirectory() as store, OllamaDouble(latency_s=args.latency) as double:
+        server = EmbeddedNats(Path(store))
+        await server.start()
+        try:
+            bus = await Bus.connect(server.url)
+            rows: list[tuple[str, float]] = [
+                (
+                    "original sequential loop (+100 ms sleep)",
+                    await original_loop(double.url, make_cases("orig", n)),
+                )
+            ]
+            for k in (1, 2, 4):
+                rows.append(
+                    (
+                        f"{k} validator process(es)",
+                        await with_processes(bus, k, server.url, double.url, n),
+                    )
+                )
+            await bus.close()
+        finally:
+            await server.stop()
+    orig = rows[0][1]
+    one = rows[1][1]
+    print(
+        f"{platform.machine()} cpus={os.cpu_count()} cases={n} "
+        f"latency={args.latency * 1000:.0f} ms/call"
+    )
+    print(f"{'case':<42}{'seconds':>9}{'cases/s':>9}{'vs 1 proc':>11}{'vs original':>13}")
+    for name, secs in rows:
+        print(f"{name:<42}{secs:>9.2f}{n / secs:>9.2f}{one / secs:>10.2f}x{orig / secs:>12.2f}x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
