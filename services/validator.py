@@ -21,7 +21,7 @@ from shared.backend import Backend, ChatMessage
 from shared.messages import ValidationCase, ValidationResult
 
 if TYPE_CHECKING:
-    from shared.bus import Bus
+    from shared.bus import Bus, Service
     from shared.embeddings import Embedder
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,16 @@ def case_messages(case: ValidationCase) -> list[ChatMessage]:
     return msgs
 
 
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 async def score_case(
-    case: ValidationCase, backend: Backend, embedder: Embedder
+    case: ValidationCase, backend: Backend, embedder: Embedder, *, name: str | None = None
 ) -> ValidationResult:
     """Chat once, embed answer and expected reply, score by cosine. Failures become `error`."""
     started = time.perf_counter()
-    name = f"{socket.gethostname()}:{os.getpid()}"
+    name = name or worker_name()
     try:
         reply = await backend.chat(case.model, case_messages(case), options=case.options or None)
         answer = clean_answer(reply.message.content)
@@ -125,11 +129,14 @@ async def validate_cases(
     return list(await asyncio.gather(*(one(c) for c in cases)))
 
 
-async def serve(bus: Bus, backend: Backend, embedder: Embedder) -> object:
+async def serve(
+    bus: Bus, backend: Backend, embedder: Embedder, *, name: str | None = None
+) -> Service:
     """Join the validator queue group; returns the bus service handle."""
+    name = name or worker_name()
 
     async def handle(case: ValidationCase) -> ValidationResult:
-        return await score_case(case, backend, embedder)
+        return await score_case(case, backend, embedder, name=name)
 
     return await bus.reply(
         subjects.VALIDATION_CASE, ValidationCase, handle, queue=subjects.VALIDATOR_QUEUE
