@@ -55,6 +55,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", dest="held_out", type=int, help="validation cases (default: 20)")
     p.add_argument("--min-effect", dest="min_effect", type=float, help="minimum CI lower bound")
     p.add_argument("--max-examples", dest="max_examples", type=int, help="few-shot examples (50)")
+    p.add_argument(
+        "--validation-concurrency",
+        dest="validation_concurrency",
+        type=int,
+        help="cases in flight at once (default 4; raise it with more validators)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     lg = p.add_argument_group("lora")
     lg.add_argument("--epochs", type=int)
