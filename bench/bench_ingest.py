@@ -92,15 +92,15 @@ async def collector_ingest(url: str, n: int, payloads: list[bytes]) -> float:
                 stored = 0
                 finished = asyncio.Event()
 
-                async def counted(point: MemoryPoint, delivery: Delivery) -> None:
+                async def counted(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
                     nonlocal stored
-                    await collector.on_memory_point(point, delivery, corpus)
-                    stored += 1
+                    await collector.on_memory_points(batch, corpus)
+                    stored += len(batch)
                     if stored == n:
                         finished.set()
 
                 start = time.perf_counter()
-                service = await bus.serve(
+                service = await bus.serve_batch(
                     subjects.COLLECTOR, MemoryPoint, counted, batch=collector.FETCH_BATCH
                 )
                 await asyncio.wait_for(finished.wait(), 600)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from shared.messages import MemoryPoint, Pair
@@ -17,7 +18,7 @@ from shared.subjects import COLLECTOR
 
 if TYPE_CHECKING:
     from shared.bus import Bus, Delivery, Service
-    from shared.corpus import Corpus
+    from shared.corpus import Corpus, Upsert
     from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,11 @@ Role = Literal["user", "assistant"]
 # A turn starts with a role word and an ASCII or full-width colon, after optional indentation.
 # English and Chinese role words are accepted on text of either language, in any letter case.
 _TURN = re.compile(r"^[ \t\u3000]*(user|assistant|用户|助手)[ \t\u3000]*[:：][ \t\u3000]?", re.I)
+# The same prefix at the start of any line of a text, with the rest of that line stripped
+# (`\s` is str.isspace, as for str.strip; `[^\S\n]` is that without the line break).
+_TURN_LINES = re.compile(_TURN.pattern + r"[^\S\n]*(.*\S)?[^\S\n]*$", re.I | re.M)
+# Line breaks of str.splitlines beyond \n and \r, which the turn splitting does not use.
+_OTHER_BREAKS = re.compile("[\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 _ROLES: dict[str, Role] = {
     "user": "user",
     "用户": "user",
@@ -35,39 +41,77 @@ _ROLES: dict[str, Role] = {
 }
 
 
+_ROLE_WORDS: dict[str, Role] = {
+    spelled: role for word, role in _ROLES.items() for spelled in (word, word.title(), word.upper())
+}
+
+
+def _role(word: str) -> Role:
+    # Case-insensitive matching also admits look-alikes such as "uſer" (long s), which
+    # lower() leaves unlisted; the word's length still tells the role.
+    return _ROLES.get(word.lower()) or ("user" if len(word) == 4 else "assistant")
+
+
+def _lines(content: str) -> str:
+    return content.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def split_turns(content: str) -> list[tuple[Role, str]]:
     """Role-prefixed turns of `content`, consecutive turns of one role merged.
 
     A line without a role prefix continues the current turn (multi-line replies); lines before
     the first prefixed line belong to no turn. Empty turns are dropped.
     """
+    text = _lines(content)
+    found = _TURN_LINES.findall(text)
+    if len(found) == text.count("\n") + 1:
+        # Fast path (most points): every line starts a turn, so one regex call splits and
+        # strips them; it holds while roles alternate and no turn is empty (nothing to merge).
+        fast: list[tuple[Role, str]] = []
+        last = None
+        for word, said in found:
+            role = _ROLE_WORDS.get(word) or _role(word)
+            if role == last or not said:
+                break
+            fast.append((role, said))
+            last = role
+        else:
+            return fast
     turns: list[tuple[Role, list[str]]] = []
-    for line in content.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+    for line in text.split("\n"):
         m = _TURN.match(line)
         if m:
-            role = _ROLES[m.group(1).lower()]
-            text = line[m.end() :]
+            role = _role(m.group(1))
+            rest = line[m.end() :]
             if turns and turns[-1][0] == role:
-                turns[-1][1].append(text)  # same speaker twice in a row: one turn
+                turns[-1][1].append(rest)  # same speaker twice in a row: one turn
             else:
-                turns.append((role, [text]))
+                turns.append((role, [rest]))
         elif turns:
             turns[-1][1].append(line)
     out: list[tuple[Role, str]] = []
     for role, lines in turns:
-        text = "\n".join(ln.rstrip() for ln in lines).strip()
-        if not text:
+        if len(lines) == 1:
+            joined = lines[0].strip()
+        else:
+            joined = "\n".join(ln.rstrip() for ln in lines).strip()
+        if not joined:
             continue
         if out and out[-1][0] == role:  # an empty turn between two of the same role
-            out[-1] = (role, out[-1][1] + "\n" + text)
+            out[-1] = (role, out[-1][1] + "\n" + joined)
         else:
-            out.append((role, text))
+            out.append((role, joined))
     return out
 
 
 def is_conversation(content: str) -> bool:
     """True when any line starts with a role prefix; such a point is never read as a note."""
-    return any(_TURN.match(line) for line in content.splitlines())
+    if _TURN_LINES.search(_lines(content)):
+        return True
+    # str.splitlines also breaks at rarer characters: only then can a prefix hide after one.
+    return bool(_OTHER_BREAKS.search(content)) and any(
+        _TURN.match(line) for line in content.splitlines()
+    )
 
 
 def pairs_from_point(point: MemoryPoint) -> list[Pair]:
@@ -80,7 +124,8 @@ def pairs_from_point(point: MemoryPoint) -> list[Pair]:
     created = point.created_at or point.updated_at
     keywords = tuple(point.keywords)
     content = point.content or ""
-    if not is_conversation(content):
+    turns = split_turns(content)
+    if not turns and not is_conversation(content):
         prompt = (point.summary or "").strip() or ", ".join(
             k.strip() for k in keywords if k.strip()
         )
@@ -101,7 +146,7 @@ def pairs_from_point(point: MemoryPoint) -> list[Pair]:
 
     pairs: list[Pair] = []
     pending: str | None = None  # the user turn waiting for its reply
-    for role, text in split_turns(content):
+    for role, text in turns:
         if role == "user":
             pending = text
         elif pending is not None:
@@ -126,22 +171,32 @@ def pairs_from_point(point: MemoryPoint) -> list[Pair]:
 
 
 async def on_memory_point(point: MemoryPoint, delivery: Delivery | None, corpus: Corpus) -> str:
-    """Store the pairs of one point; returns "added", "updated" or "unchanged".
+    """Store the pairs of one point; returns "added", "updated" or "unchanged"."""
+    return (await on_memory_points([(point, delivery)], corpus))[0]
 
-    The write is one transaction, finished before the bus acks, so a crash before the ack only
-    leads to a redelivery that `upsert_point` recognises and ignores.
+
+async def on_memory_points(
+    batch: Sequence[tuple[MemoryPoint, Delivery | None]], corpus: Corpus
+) -> list[Upsert]:
+    """Store the pairs of every point of a fetched batch; an outcome per point, in order.
+
+    The write is one transaction, finished before the bus acks, so a crash before the acks
+    only leads to a redelivery that `upsert_points` recognises and ignores; a failure stores
+    nothing, and the bus then retries the points one at a time.
     """
-    pairs = pairs_from_point(point)
-    # one short local transaction (~0.2 ms): cheaper inline than a thread hop per point
-    outcome = corpus.upsert_point(point, pairs)
-    log.debug(
-        "point %s: %s (%d pairs, delivery %s)",
-        point.id,
-        outcome,
-        len(pairs),
-        getattr(delivery, "num_delivered", "-"),
-    )
-    return outcome
+    items = [(point, pairs_from_point(point)) for point, _ in batch]
+    # one short local transaction (~1-3 ms for a batch): cheaper inline than a thread hop
+    outcomes = corpus.upsert_points(items)
+    if log.isEnabledFor(logging.DEBUG):
+        for (point, delivery), (_, pairs), outcome in zip(batch, items, outcomes, strict=True):
+            log.debug(
+                "point %s: %s (%d pairs, delivery %s)",
+                point.id,
+                outcome,
+                len(pairs),
+                getattr(delivery, "num_delivered", "-"),
+            )
+    return outcomes
 
 
 class CollectorService:
@@ -160,7 +215,7 @@ class CollectorService:
                 self.corpus.close()
 
 
-# Handlers are short, so fetching in batches halves the per-message bus overhead.
+# Messages per fetch, stored in one transaction and acked together.
 FETCH_BATCH = 64
 
 
@@ -171,10 +226,10 @@ async def serve(bus: Bus, settings: Settings, corpus: Corpus | None = None) -> C
     owns = corpus is None
     store = Corpus.open(settings.data_path / "corpus.sqlite3") if corpus is None else corpus
     try:
-        inner = await bus.serve(
+        inner = await bus.serve_batch(
             COLLECTOR,
             MemoryPoint,
-            functools.partial(on_memory_point, corpus=store),
+            functools.partial(on_memory_points, corpus=store),
             batch=FETCH_BATCH,
         )
     except BaseException:

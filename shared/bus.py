@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -26,6 +27,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -53,6 +55,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+STATUS_HEADER = "Status"  # how nats-py hands over a JetStream status line (e.g. 404, 408)
+DESCRIPTION_HEADER = "Description"
 # The NATS micro convention for a failed request, so non-Python requesters understand it too.
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
@@ -133,6 +137,16 @@ def _header_text(text: str, limit: int = 1024) -> str:
     return " ".join(text.split())[:limit]
 
 
+def _num_delivered(msg: Msg) -> int:
+    """Delivery count of a JetStream message: read straight from its reply subject in the
+    common layout `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`,
+    which costs a tenth of the client's full metadata parse (per message, on the hot path)."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[4])
+    return msg.metadata.num_delivered  # other layouts (domains): the client's parser
+
+
 # --- handler side -------------------------------------------------------------------------------
 
 
@@ -140,13 +154,18 @@ class Delivery:
     """What a JetStream handler may know and do about the message it is handling."""
 
     def __init__(self, msg: Msg, ack_wait: float) -> None:
-        meta = msg.metadata
-        self.num_delivered: int = meta.num_delivered
+        self.num_delivered: int = _num_delivered(msg)
         self.subject: str = msg.subject
-        self.stream_seq: int = meta.sequence.stream
-        self.msg_id: str | None = (msg.headers or {}).get(MSG_ID_HEADER)
         self._msg = msg
         self._ack_wait = ack_wait
+
+    @property
+    def stream_seq(self) -> int:
+        return self._msg.metadata.sequence.stream
+
+    @property
+    def msg_id(self) -> str | None:
+        return (self._msg.headers or {}).get(MSG_ID_HEADER)
 
     async def progress(self) -> None:
         """Tell the server this message is still being worked on (resets its ack_wait)."""
@@ -198,8 +217,104 @@ class Service:
         return f"Service({self.name!r})"
 
 
+class _Puller:
+    """Pull requests for one durable, answered into a plain inbox subscription (batch mode).
+
+    nats-py's fetch() spends two tasks and a uuid per message, as much as the whole handling
+    of a collected point; here the subscription callback just appends to `ready`. One pull
+    request is open at a time: first a no-wait one (what is there now, up to `batch`), and
+    only when that finds nothing a lingering one that waits for new messages.
+    """
+
+    def __init__(self, nc: Client, stream: str, durable: str, batch: int) -> None:
+        self.nc = nc
+        self.batch = batch
+        self.api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = nc.new_inbox()
+        self.ready: deque[Msg] = deque()  # delivered to us, not yet taken by fetch()
+        self.arrived = asyncio.Event()
+        self.open_until = 0.0  # loop time by which the open request has surely ended
+        self.left = 0  # messages the open request may still deliver
+        self.refused: str | None = None  # why the server refused the last request
+        self.sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self.sub = await self.nc.subscribe(self.inbox, cb=self._on_msg)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get(STATUS_HEADER) if msg.headers else None
+        if status is None:
+            self.ready.append(msg)
+            self.left -= 1
+            if self.left <= 0:
+                self.open_until = 0.0  # the request got all it asked for
+        elif status == "100":
+            return  # heartbeat or flow control: not asked for, nothing ends
+        else:
+            # 404 nothing there (no-wait), 408 expired; anything else (409 consumer deleted,
+            # limits): refused. Either way the request is over.
+            self.open_until = 0.0
+            if status not in ("404", "408"):
+                self.refused = f"{status} {msg.headers.get(DESCRIPTION_HEADER, '')}".strip()
+        self.arrived.set()
+
+    async def _request(self, *, wait: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        if wait is None:
+            # No expires: with it the server would ignore no_wait and linger.
+            body: dict[str, object] = {"batch": self.batch, "no_wait": True}
+            self.open_until = loop.time() + 5.0
+        else:
+            body = {"batch": self.batch, "expires": int(wait * 1e9)}
+            self.open_until = loop.time() + wait + 1.0  # its 408 may be lost in a reconnect
+        self.left = self.batch
+        await self.nc.publish(self.api, json.dumps(body).encode(), reply=self.inbox)
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:  # noqa: ASYNC109
+        """Up to `batch` messages: what arrives at once, else the first ones within timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not self.ready and loop.time() >= self.open_until:
+            await self._request(wait=None)
+        while len(self.ready) < batch:
+            now = loop.time()
+            is_open = now < self.open_until
+            if self.refused is not None:
+                reason, self.refused = self.refused, None
+                raise BusError(f"pull request refused: {reason}")
+            if self.ready and not is_open:
+                break  # the request delivered all it will
+            if not self.ready and not is_open:
+                if now + 0.05 >= deadline:
+                    raise TimeoutError
+                await self._request(wait=deadline - now - 0.01)
+            # Once something is here, wait only a moment for the rest of the burst.
+            wait = 0.002 if self.ready else deadline - now
+            if wait <= 0:
+                raise TimeoutError
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), wait)
+            except TimeoutError:
+                if not self.ready:
+                    raise
+                break
+        n = min(batch, len(self.ready))
+        return [self.ready.popleft() for _ in range(n)]
+
+    async def unsubscribe(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+
 class _PullConsumer:
-    """Fetch loop of one durable: one message at a time, in stream order."""
+    """Fetch loop of one durable, in stream order.
+
+    Without `batch_handler`, one message per handler call. With it, every fetched message that
+    decodes goes to one call and all are acked after it returns; if that call fails, its
+    messages are handled again one at a time, so only the failing one is retried or
+    dead-lettered. The handler must therefore be all-or-nothing (e.g. one transaction).
+    """
 
     def __init__(
         self,
@@ -207,20 +322,23 @@ class _PullConsumer:
         spec: ConsumerSpec,
         typ: type[T],
         handler: Callable[[T, Delivery], Awaitable[None]],
-        sub: JetStreamContext.PullSubscription,
+        sub: JetStreamContext.PullSubscription | _Puller,
         *,
         batch: int,
         grace: float,
+        batch_handler: Callable[[list[tuple[T, Delivery]]], Awaitable[None]] | None = None,
     ) -> None:
         self.bus = bus
         self.spec = spec
         self.typ = typ
         self.handler = handler
+        self.batch_handler = batch_handler
         self.sub = sub
         self.batch = batch
         self.grace = grace
-        self.buffer: deque[Msg] = deque()
-        self.current: Msg | None = None
+        self.buffer: deque[Msg] = deque()  # fetched, not handled yet
+        self.singles: deque[Msg] = deque()  # of a failed batch, to handle one at a time
+        self.current: list[Msg] = []  # being handled now
         self.stopping = False
         self.task = asyncio.create_task(self._run(), name=f"consumer:{spec.durable}")
         self.holder: asyncio.Task[None] | None = None
@@ -247,33 +365,46 @@ class _PullConsumer:
                 await asyncio.sleep(min(0.2 * 2**failures, 5.0))
                 continue
             self.buffer.extend(msgs)
-            while self.buffer and not self.stopping:
-                self.current = self.buffer.popleft()
+            while (self.singles or self.buffer) and not self.stopping:
                 try:
-                    await self._deliver(self.current)
+                    if self.batch_handler is not None and not self.singles:
+                        self.current = list(self.buffer)
+                        self.buffer.clear()
+                        await self._deliver_batch(self.current)
+                    else:
+                        msg = (self.singles or self.buffer).popleft()
+                        self.current = [msg]
+                        await self._deliver(msg)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # one message never kills the loop
                     log.exception("%s: unexpected error handling a message", self.spec.durable)
-                self.current = None
+                self.current = []
 
     async def _hold(self) -> None:
         # Fetched-but-waiting messages would time out behind a slow handler: keep them alive.
         while True:
             await asyncio.sleep(self.spec.ack_wait_s / 3)
-            for msg in list(self.buffer):
+            for msg in [*self.singles, *self.buffer, *self._undelivered()]:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 
-    async def _deliver(self, msg: Msg) -> None:
+    def _undelivered(self) -> list[Msg]:
+        # Messages the server delivered to a _Puller that no fetch() took yet.
+        return list(self.sub.ready) if isinstance(self.sub, _Puller) else []
+
+    async def _admit(self, msg: Msg) -> tuple[T, Delivery] | None:
+        """The decoded message, or None once it is dead-lettered (undecodable, or too many
+        deliveries without an outcome)."""
         spec = self.spec
-        tries = msg.metadata.num_delivered
+        delivery = Delivery(msg, spec.ack_wait_s)
+        tries = delivery.num_delivered
         try:
             event = decode(msg.data, self.typ)
         except msgspec.DecodeError as exc:  # ValidationError too: a retry cannot help
             log.warning("%s: undecodable %s: %s", spec.durable, msg.subject, exc)
             await self._dead_letter(msg, f"decode: {exc}", tries)
-            return
+            return None
         if tries > spec.max_deliver:
             # Delivered again without an outcome: earlier consumers died or overran ack_wait.
             await self._dead_letter(
@@ -281,26 +412,65 @@ class _PullConsumer:
                 f"no outcome after {tries - 1} deliveries (consumer died or ack_wait ran out)",
                 tries,
             )
+            return None
+        return event, delivery
+
+    async def _deliver(self, msg: Msg) -> None:
+        admitted = await self._admit(msg)
+        if admitted is None:
             return
+        event, delivery = admitted
         try:
-            await self.handler(event, Delivery(msg, spec.ack_wait_s))
+            await self.handler(event, delivery)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if tries >= spec.max_deliver:
-                log.error(
-                    "%s: giving up on %s after %d tries: %r", spec.durable, msg.subject, tries, exc
-                )
-                await self._dead_letter(msg, repr(exc), tries)
-            else:
-                delay = backoff_delay(spec, tries)
-                log.warning(
-                    "%s: try %d of %s failed, retry in %.1fs: %r",
-                    spec.durable, tries, msg.subject, delay, exc,
-                )  # fmt: skip
-                await msg.nak(delay=delay)
+            await self._failed(msg, delivery.num_delivered, exc)
             return
         await msg.ack()
+
+    async def _deliver_batch(self, msgs: list[Msg]) -> None:
+        ready: list[tuple[Msg, tuple[T, Delivery]]] = []
+        for msg in msgs:
+            admitted = await self._admit(msg)
+            if admitted is not None:
+                ready.append((msg, admitted))
+        if not ready:
+            return
+        assert self.batch_handler is not None
+        try:
+            await self.batch_handler([admitted for _, admitted in ready])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(ready) == 1:
+                msg, (_, delivery) = ready[0]
+                await self._failed(msg, delivery.num_delivered, exc)
+            else:
+                log.warning(
+                    "%s: batch of %d failed (%r); handling its messages one at a time",
+                    self.spec.durable, len(ready), exc,
+                )  # fmt: skip
+                self.singles.extend(msg for msg, _ in ready)
+            return
+        # An ack is a plain publish: they leave together on the client's next flush.
+        for msg, _ in ready:
+            await msg.ack()
+
+    async def _failed(self, msg: Msg, tries: int, exc: Exception) -> None:
+        spec = self.spec
+        if tries >= spec.max_deliver:
+            log.error(
+                "%s: giving up on %s after %d tries: %r", spec.durable, msg.subject, tries, exc
+            )
+            await self._dead_letter(msg, repr(exc), tries)
+        else:
+            delay = backoff_delay(spec, tries)
+            log.warning(
+                "%s: try %d of %s failed, retry in %.1fs: %r",
+                spec.durable, tries, msg.subject, delay, exc,
+            )  # fmt: skip
+            await msg.nak(delay=delay)
 
     async def _dead_letter(self, msg: Msg, error: str, tries: int) -> None:
         try:
@@ -313,7 +483,7 @@ class _PullConsumer:
 
     async def stop(self) -> None:
         self.stopping = True
-        if self.current is None:
+        if not self.current:
             self.task.cancel()  # idle in fetch: nothing to lose
         else:
             # Let the running handler finish for a moment, then interrupt it.
@@ -324,9 +494,10 @@ class _PullConsumer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        # Hand back what we hold (interrupted or not yet started) so it is redelivered now.
-        held = ([self.current] if self.current is not None else []) + list(self.buffer)
-        self.current, self.buffer = None, deque()
+        # Hand back what we hold (interrupted or not yet started) so it is redelivered now;
+        # a nak of a message acked meanwhile is refused by the client and changes nothing.
+        held = [*self.current, *self.singles, *self.buffer, *self._undelivered()]
+        self.current, self.singles, self.buffer = [], deque(), deque()
         for msg in held:
             with contextlib.suppress(Exception):
                 await msg.nak()
@@ -497,6 +668,52 @@ class Bus:
         `batch` > 1 fetches several messages per request (throughput for quick handlers).
         On stop, a running handler gets `grace` seconds before it is cancelled.
         """
+        sub = await self._bind(spec)
+        consumer = _PullConsumer(self, spec, typ, handler, sub, batch=batch, grace=grace)
+        return self._track(Service(f"consumer:{spec.durable}", consumer.stop))
+
+    async def serve_batch(
+        self,
+        spec: ConsumerSpec,
+        typ: type[T],
+        handler: Callable[[list[tuple[T, Delivery]]], Awaitable[None]],
+        *,
+        batch: int = 64,
+        grace: float = 5.0,
+    ) -> Service:
+        """Like `serve`, but `handler` gets every decodable message of a fetch (up to `batch`,
+        in stream order) in one call, and they are all acked after it returns.
+
+        Undecodable messages are dead-lettered one by one before the call. If the call raises,
+        its messages are handled again one per call (a one-item list), each acked, retried or
+        dead-lettered on its own, so one poison message cannot hold back the rest. The handler
+        must be all-or-nothing and idempotent (a failed batch is seen again item by item), and
+        should finish within ack_wait (or use each Delivery's keep_alive).
+        """
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        await self._ensure_consumer(spec)
+        sub = _Puller(self._nc, spec.stream, spec.durable, batch)
+        await sub.start()
+
+        async def one(event: T, delivery: Delivery) -> None:  # a message of a failed batch
+            await handler([(event, delivery)])
+
+        consumer = _PullConsumer(
+            self, spec, typ, one, sub, batch=batch, grace=grace, batch_handler=handler
+        )
+        return self._track(Service(f"consumer:{spec.durable}", consumer.stop))
+
+    async def _bind(self, spec: ConsumerSpec) -> JetStreamContext.PullSubscription:
+        """Create or update the durable of `spec` and bind a pull subscription to it."""
+        await self._ensure_consumer(spec)
+        try:
+            return await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        except nats.js.errors.Error as exc:
+            raise BusError(f"cannot bind to consumer {spec.durable}: {exc}") from exc
+
+    async def _ensure_consumer(self, spec: ConsumerSpec) -> None:
+        """Create or update the durable pull consumer of `spec`."""
         config = ConsumerConfig(
             name=spec.durable,
             durable_name=spec.durable,
@@ -510,13 +727,10 @@ class Bus:
         )
         try:
             await self._js.add_consumer(spec.stream, config)  # create or update
-            sub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         except nats.js.errors.Error as exc:
             raise BusError(
                 f"cannot create consumer {spec.durable} on {spec.stream}: {exc}"
             ) from exc
-        consumer = _PullConsumer(self, spec, typ, handler, sub, batch=batch, grace=grace)
-        return self._track(Service(f"consumer:{spec.durable}", consumer.stop))
 
     async def wait_idle(self, spec: ConsumerSpec, *, timeout: float) -> None:  # noqa: ASYNC109
         """Return once the consumer has nothing pending and nothing awaiting ack."""

@@ -10,9 +10,12 @@ Times are stored as UTC ISO-8601 text of fixed width, so text order is time orde
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +25,8 @@ import msgspec
 
 from shared.files import PRIVATE_DIR, PRIVATE_FILE
 from shared.messages import MemoryPoint, Pair
+
+log = logging.getLogger(__name__)
 
 Upsert = Literal["added", "updated", "unchanged"]
 
@@ -47,6 +52,7 @@ CREATE TABLE IF NOT EXISTS pairs (
 );
 """
 
+_KEYWORDS = msgspec.json.Encoder()
 _NEVER = "0000-00-00T00:00:00.000000+00:00"  # sorts before every real time
 
 
@@ -65,6 +71,81 @@ def _parse(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
+_PointRow = tuple[int, str | None, str | None, str, str, bytes]
+_PairRow = tuple[int, int, str, str, str, str, str | None]
+_CHECKPOINT_EVERY = 2 << 20  # bytes of points written between background checkpoints
+_WAL_LIMIT = 64 << 20  # a WAL beyond this is checkpointed by the writer itself
+_MAX_PARAMS = 500  # ids per `IN (...)`, far below SQLite's bound-parameter limit
+
+
+def _prepare(point: MemoryPoint, pairs: Sequence[Pair]) -> tuple[_PointRow, list[_PairRow]]:
+    """The rows of one point, computed outside the lock (encoding is the costly part)."""
+    created = _iso(point.created_at)
+    # Usually one instant twice (a new point): format it once.
+    updated = created if point.updated_at == point.created_at else _iso(point.updated_at)
+    version = updated or created or _NEVER
+    changed = max(created or _NEVER, updated or _NEVER)
+    body = msgspec.json.encode(point)
+    rows: list[_PairRow] = []
+    # A point's pairs share its keywords and time: encode each distinct object once.
+    keywords_obj: object = None
+    keywords_json = ""
+    at_obj: object = point.created_at  # what pairs_from_point gives them
+    at_text = created
+    for p in pairs:
+        if p.keywords is not keywords_obj:
+            keywords_obj = p.keywords
+            keywords_json = _KEYWORDS.encode(list(p.keywords)).decode()
+        if p.created_at is not at_obj:
+            at_obj = p.created_at
+            at_text = _iso(p.created_at)
+        rows.append((point.id, p.turn, p.prompt, p.completion, p.kind, keywords_json, at_text))
+    return (point.id, created, updated, changed, version, body), rows
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database file from a thread of its own.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so every
+    ~1000 pages one write would wait for the copying and two fsyncs (half of the ingest time);
+    here they overlap with the next writes instead (SQLite's documented alternative).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"checkpoint:{path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self._path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")  # the checkpoint's fsyncs: as the writer's
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._closing:
+                    return
+                try:
+                    # PASSIVE: copies what it can without waiting for readers or writers.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # e.g. busy: the next poke tries again
+                    log.warning("checkpoint of %s failed: %r", self._path, exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+
+
 class Corpus:
     """Thread-safe handle on the corpus file; use as a context manager or call `close()`."""
 
@@ -73,6 +154,8 @@ class Corpus:
         self.path = path
         self._lock = threading.Lock()
         self._point_decoder = msgspec.json.Decoder(MemoryPoint)
+        self._checkpointer: _Checkpointer | None = None  # started by the first write
+        self._unchecked = 0  # bytes written since the last checkpoint was asked for
 
     @classmethod
     def open(cls, path: Path) -> Corpus:
@@ -91,6 +174,10 @@ class Corpus:
             # matters for ack-after-store); only an OS crash can lose the last commits, and
             # FULL would cost an fsync per point (4x slower ingest).
             conn.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints run in a thread of their own (see _Checkpointer); a WAL that still
+            # outgrows it is checkpointed by the writer, and truncated once reset.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(_SCHEMA)
         except BaseException:
@@ -100,7 +187,25 @@ class Corpus:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+            self._conn.close()  # the last connection to close checkpoints the rest
+
+    def _written(self, size: int) -> None:
+        """After a commit of about `size` bytes: checkpoint in the background now and then."""
+        self._unchecked += size
+        if self._unchecked < _CHECKPOINT_EVERY:
+            return
+        self._unchecked = 0
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(self.path)
+        self._checkpointer.poke()
+        with contextlib.suppress(OSError):
+            if os.stat(f"{self.path}-wal").st_size > _WAL_LIMIT:
+                # The thread cannot keep up (or its checkpoints keep missing the end): copy
+                # it all now, so the next write can start the WAL over.
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def __enter__(self) -> Self:
         return self
@@ -114,60 +219,79 @@ class Corpus:
         self.close()
 
     # --- writes ---------------------------------------------------------------------------------
-    def upsert_point(self, point: MemoryPoint, pairs: list[Pair]) -> Upsert:
-        """Store `point` and its pairs, idempotently.
+    def upsert_point(self, point: MemoryPoint, pairs: Sequence[Pair]) -> Upsert:
+        """Store `point` and its pairs, idempotently (`upsert_points` with one item).
 
         Unknown id: added. Known id with a newer `updated_at` (else `created_at`): its pairs are
         replaced, in one transaction. Same or older version (a redelivery): nothing changes.
         """
-        created = _iso(point.created_at)
-        updated = _iso(point.updated_at)
-        version = updated or created or _NEVER
-        changed = max(created or _NEVER, updated or _NEVER)
-        body = msgspec.json.encode(point)
-        rows = [
-            (
-                point.id,
-                p.turn,
-                p.prompt,
-                p.completion,
-                p.kind,
-                msgspec.json.encode(list(p.keywords)).decode(),
-                _iso(p.created_at),
-            )
-            for p in pairs
-        ]
+        return self.upsert_points([(point, pairs)])[0]
+
+    def upsert_points(self, items: Sequence[tuple[MemoryPoint, Sequence[Pair]]]) -> list[Upsert]:
+        """Store many points with their pairs in ONE transaction; an outcome per item, in order.
+
+        Same result, and same outcomes, as `upsert_point` on each item in turn: within the
+        batch a later item with a newer version of an id replaces an earlier one ("updated"),
+        one with the same or an older version is "unchanged". Only each id's winner is written.
+        All or nothing: on an error nothing of the batch is stored.
+        """
+        if not items:
+            return []
+        prepared = [_prepare(point, pairs) for point, pairs in items]
+        ids = list({row[0] for row, _ in prepared})
+        outcomes: list[Upsert] = []
         with self._lock:
             conn = self._conn
             # IMMEDIATE takes the write lock before the read, so two collectors cannot both
             # decide "added" for the same point.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute(
-                    "SELECT version FROM points WHERE id = ?", (point.id,)
-                ).fetchone()
-                if row is not None and version <= row[0]:
+                stored: dict[int, str] = {}
+                for i in range(0, len(ids), _MAX_PARAMS):
+                    chunk = ids[i : i + _MAX_PARAMS]
+                    marks = ",".join("?" * len(chunk))
+                    stored.update(
+                        conn.execute(
+                            f"SELECT id, version FROM points WHERE id IN ({marks})", chunk
+                        ).fetchall()
+                    )
+                existed = set(stored)
+                winners: dict[int, int] = {}  # id -> index of the item whose version is kept
+                for index, (row, _) in enumerate(prepared):
+                    pid, version = row[0], row[4]
+                    current = stored.get(pid)
+                    if current is not None and version <= current:
+                        outcomes.append("unchanged")
+                        continue
+                    outcomes.append("added" if current is None else "updated")
+                    stored[pid] = version
+                    winners[pid] = index
+                if not winners:
                     conn.execute("ROLLBACK")
-                    return "unchanged"
-                if row is not None:
-                    conn.execute("DELETE FROM pairs WHERE point_id = ?", (point.id,))
-                conn.execute(
+                    return outcomes
+                replaced = [(pid,) for pid in winners if pid in existed]
+                if replaced:
+                    conn.executemany("DELETE FROM pairs WHERE point_id = ?", replaced)
+                conn.executemany(
                     "INSERT OR REPLACE INTO points"
                     " (id, created_at, updated_at, changed_at, version, body)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (point.id, created, updated, changed, version, body),
+                    [prepared[i][0] for i in winners.values()],
                 )
                 conn.executemany(
                     "INSERT INTO pairs"
                     " (point_id, turn, prompt, completion, kind, keywords, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows,
+                    [pair for i in winners.values() for pair in prepared[i][1]],
                 )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return "added" if row is None else "updated"
+            self._written(
+                sum(len(prepared[i][0][5]) + 200 * len(prepared[i][1]) for i in winners.values())
+            )
+        return outcomes
 
     # --- reads ----------------------------------------------------------------------------------
     def _since_clause(self, since: datetime | None) -> tuple[str, tuple[Any, ...]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import StorageType
 
 from shared import subjects
@@ -462,3 +463,166 @@ async def test_batched_fetch_keeps_stream_order(bus: Bus) -> None:
     await bus.serve(s, MemoryPoint, handler, batch=16)
     await bus.wait_idle(s, timeout=10)
     assert seen == list(range(50))
+
+
+# --- batch consumers ----------------------------------------------------------------------------
+
+
+async def test_a_poison_message_in_a_batch_is_dead_lettered_alone(bus: Bus) -> None:
+    s = spec("batch-poison")
+    calls: list[list[int]] = []
+
+    async def handler(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
+        calls.append([p.id for p, _ in batch])
+
+    for i in range(20):
+        await bus.publish(subjects.MEMORY_POINT_CREATED, point(i))
+        if i == 7:
+            await bus.publish_raw(subjects.MEMORY_POINT_CREATED, b'{"id": "seven", "content": 1}')
+    await bus.serve_batch(s, MemoryPoint, handler, batch=8)
+    await bus.wait_idle(s, timeout=10)  # everything acked or terminated
+
+    assert [i for call in calls for i in call] == list(range(20))  # once each, in order
+    assert max(len(call) for call in calls) > 1  # really handled in batches
+    assert all(len(call) <= 8 for call in calls)
+    letters = await bus.dead_letters()
+    assert len(letters) == 1
+    assert letters[0].data == '{"id": "seven", "content": 1}'
+    assert letters[0].error.startswith("decode: ") and letters[0].consumer == "batch-poison"
+
+
+async def test_a_failing_batch_falls_back_to_one_message_at_a_time(bus: Bus) -> None:
+    s = spec("batch-fallback", max_deliver=2)
+    calls: list[list[tuple[int, int]]] = []
+    stored: list[int] = []
+
+    async def handler(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
+        calls.append([(p.id, d.num_delivered) for p, d in batch])
+        if any(p.content == "bad" for p, _ in batch):
+            raise ValueError("cannot store a bad point")  # all or nothing: nothing stored
+        stored.extend(p.id for p, _ in batch)
+
+    for i in range(6):
+        await bus.publish(subjects.MEMORY_POINT_CREATED, point(i, "bad" if i == 3 else "ok"))
+    await bus.serve_batch(s, MemoryPoint, handler, batch=16)
+    await bus.wait_idle(s, timeout=15)
+
+    assert sorted(stored) == [0, 1, 2, 4, 5]  # every good point once
+    assert len(calls[0]) > 1  # the failed batch ...
+    assert all(len(call) == 1 for call in calls[1:])  # ... then one message per call
+    assert [c for c in calls[1:] if c[0][0] == 3] == [[(3, 1)], [(3, 2)]]  # its own retries
+    letters = await bus.dead_letters()
+    assert [(dl.error, dl.deliveries) for dl in letters] == [
+        ("ValueError('cannot store a bad point')", 2)
+    ]
+    assert msgspec.json.decode(letters[0].data)["id"] == 3
+
+
+async def test_a_batch_whose_consumer_died_before_acking_comes_back_whole(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    s = spec("batch-crash")
+    started = asyncio.Event()
+
+    async def stuck(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
+        started.set()
+        await asyncio.Event().wait()  # stored, but the process "dies" before the acks
+
+    for i in range(5):
+        await bus.publish(subjects.MEMORY_POINT_CREATED, point(i))
+    doomed = await Bus.connect(nats_server.url, name="doomed")
+    await doomed.serve_batch(s, MemoryPoint, stuck, grace=0.1)
+    await asyncio.wait_for(started.wait(), 10)
+    await doomed.nc.close()  # a crash: no ack, no nak
+
+    again: list[tuple[int, int]] = []
+
+    async def handler(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
+        again.extend((p.id, d.num_delivered) for p, d in batch)
+
+    await bus.serve_batch(s, MemoryPoint, handler)
+    await bus.wait_idle(s, timeout=10)  # after ack_wait (1 s)
+    assert again == [(i, 2) for i in range(5)]
+    await doomed.close()
+
+
+async def test_stopping_a_batch_consumer_hands_back_its_messages_at_once(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    s = spec("batch-handback", ack_wait_s=30.0)  # redelivery can only come from the nak
+    started = asyncio.Event()
+
+    async def slow(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    for i in range(3):
+        await bus.publish(subjects.MEMORY_POINT_CREATED, point(i))
+    first = await Bus.connect(nats_server.url, name="first")
+    service = await first.serve_batch(s, MemoryPoint, slow, grace=0.1)
+    await asyncio.wait_for(started.wait(), 10)
+    await service.stop()
+
+    got: list[tuple[int, int]] = []
+    done = asyncio.Event()
+
+    async def handler(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
+        got.extend((p.id, d.num_delivered) for p, d in batch)
+        if len(got) >= 3:
+            done.set()
+
+    await bus.serve_batch(s, MemoryPoint, handler)
+    await asyncio.wait_for(done.wait(), 10)
+    assert sorted(got) == [(0, 2), (1, 2), (2, 2)]
+    await first.close()
+
+
+async def test_a_batch_consumer_waits_for_new_messages(bus: Bus) -> None:
+    s = spec("batch-live")
+    seen: list[int] = []
+    arrived = asyncio.Event()
+
+    async def handler(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
+        seen.extend(p.id for p, _ in batch)
+        arrived.set()
+
+    await bus.serve_batch(s, MemoryPoint, handler)
+    await asyncio.sleep(2.5)  # past one pull request's expiry: the next one must follow
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(1))
+    await asyncio.wait_for(arrived.wait(), 10)
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(2))
+    await bus.wait_idle(s, timeout=10)
+    assert seen == [1, 2]
+
+
+def test_delivery_count_comes_from_the_reply_subject_in_either_layout() -> None:
+    v1 = "$JS.ACK.MEMORY.collector.3.10.7.1732612345678901234.0"
+    v2 = "$JS.ACK.hub.ACCHASH.MEMORY.collector.4.10.7.1732612345678901234.0.rnd"
+    for reply, expected in ((v1, 3), (v2, 4)):
+        msg = Msg(None, subject=subjects.MEMORY_POINT_CREATED, reply=reply)  # type: ignore[arg-type]
+        assert Delivery(msg, 30.0).num_delivered == expected == msg.metadata.num_delivered
+
+
+async def test_a_batch_consumer_survives_a_server_crash(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    s = spec("batch-server-crash", ack_wait_s=2.0)
+    got: asyncio.Queue[int] = asyncio.Queue()
+
+    async def handler(batch: list[tuple[MemoryPoint, Delivery]]) -> None:
+        for p, _ in batch:
+            await got.put(p.id)
+
+    await bus.serve_batch(s, MemoryPoint, handler)
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(1))
+    assert await asyncio.wait_for(got.get(), 10) == 1
+
+    await nats_server.kill9()  # the open pull request dies with it
+    await nats_server.restart()
+
+    await bus.publish(subjects.MEMORY_POINT_CREATED, point(2))
+    seen = {1}
+    while 2 not in seen:  # point 1 may come again (its ack can die with the server)
+        seen.add(await asyncio.wait_for(got.get(), 15))
+    assert seen == {1, 2}
+    await bus.wait_idle(s, timeout=10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 from collections import Counter
 from datetime import UTC, datetime
@@ -11,7 +13,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.collector import on_memory_point, pairs_from_point, serve, split_turns
+from services.collector import (
+    on_memory_point,
+    on_memory_points,
+    pairs_from_point,
+    serve,
+    split_turns,
+)
+from shared.bus import Bus
 from shared.corpus import Corpus
 from shared.messages import MemoryPoint
 from shared.settings import Settings
@@ -206,3 +215,63 @@ async def test_collector_consumes_real_points_over_nats(bus: Any, tmp_path: Path
             "pairs": expected,
             "pairs_since_watermark": expected,
         }
+
+
+def test_role_word_look_alikes_do_not_crash() -> None:
+    # case-insensitive matching admits "ſ" (long s) for "s"; such a point used to raise
+    assert split_turns("uſer: hi\nassistant: hello") == [("user", "hi"), ("assistant", "hello")]
+
+
+async def test_batch_handler_reports_each_point_in_order(tmp_path: Path) -> None:
+    points = [p for _, p in load("kdconv")[:3]]
+    with Corpus.open(tmp_path / "corpus.sqlite3") as corpus:
+        batch = [(points[0], None), (points[1], None), (points[0], None)]
+        assert await on_memory_points(batch, corpus) == ["added", "added", "unchanged"]
+        assert await on_memory_points([(p, None) for p in points], corpus) == [
+            "unchanged",
+            "unchanged",
+            "added",
+        ]
+        assert corpus.stats()["pairs"] == sum(len(pairs_from_point(p)) for p in points)
+
+
+async def test_a_stored_batch_delivered_again_changes_nothing(
+    nats_server: Any, bus: Any, tmp_path: Path
+) -> None:
+    """The collector dies after storing a batch but before its acks reach the server."""
+    lines = (DATA / "kdconv.memory.jsonl").read_text(encoding="utf-8").splitlines()[:20]
+    spec = dataclasses.replace(COLLECTOR, ack_wait_s=1.0)
+    first: list[tuple[int, str]] = []
+    stored = asyncio.Event()
+    with Corpus.open(tmp_path / "corpus.sqlite3") as corpus:
+
+        async def store_then_die(batch: list[tuple[MemoryPoint, Any]]) -> None:
+            outcomes = await on_memory_points(batch, corpus)
+            first.extend((p.id, r) for (p, _), r in zip(batch, outcomes, strict=True))
+            stored.set()
+            await asyncio.Event().wait()  # never returns: no ack
+
+        for line in lines:
+            await bus.publish_raw(MEMORY_POINT_CREATED, line.encode())
+        doomed = await Bus.connect(nats_server.url, name="doomed")
+        await doomed.serve_batch(spec, MemoryPoint, store_then_die, grace=0.1)
+        await asyncio.wait_for(stored.wait(), 10)
+        await doomed.nc.close()  # a crash: the stored batch was never acked
+        assert first and all(r == "added" for _, r in first)
+        before = (corpus.stats()["points"], corpus.pairs())
+        assert before[0] == len(first)
+
+        again: dict[int, tuple[str, int]] = {}
+
+        async def handler(batch: list[tuple[MemoryPoint, Any]]) -> None:
+            results = await on_memory_points(batch, corpus)
+            for (p, d), r in zip(batch, results, strict=True):
+                again[p.id] = (r, d.num_delivered)
+
+        await bus.serve_batch(spec, MemoryPoint, handler)
+        await bus.wait_idle(spec, timeout=15)
+        assert len(again) == len(lines)  # the rest of the stream is stored now
+        assert [again[pid] for pid, _ in first] == [("unchanged", 2)] * len(first)
+        stored_first = {pid for pid, _ in first}
+        assert [p for p in corpus.pairs() if p.point_id in stored_first] == before[1]
+        await doomed.close()

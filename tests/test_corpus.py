@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import stat
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -112,3 +114,69 @@ def test_two_processes_write_while_one_reads(tmp_path: Path) -> None:
             assert p.exitcode == 0
         assert reader.stats() == {"points": 200, "pairs": 200, "pairs_since_watermark": 200}
         assert seen <= 200
+
+
+def test_a_batch_gives_the_outcomes_and_state_of_one_upsert_after_another(tmp_path: Path) -> None:
+    v1 = pt(1, "User: a\nAssistant: b")
+    v2 = pt(1, "User: newer\nAssistant: answer", updated=T0 + timedelta(days=1))
+    v0 = pt(1, "User: older\nAssistant: x", updated=T0 - timedelta(days=1))
+    other = pt(2, "User: q\nAssistant: r")
+    stored = pt(3, "User: kept\nAssistant: as is")
+    stored_newer = pt(3, "User: edited\nAssistant: later", updated=T0 + timedelta(hours=2))
+    batch = [v1, other, v1, v2, v0, stored, stored_newer, other, v2]
+
+    with Corpus.open(tmp_path / "batch.sqlite3") as c, Corpus.open(tmp_path / "one.sqlite3") as d:
+        assert upsert(c, stored) == upsert(d, stored) == "added"
+        outcomes = c.upsert_points([(p, pairs_from_point(p)) for p in batch])
+        assert outcomes == [upsert(d, p) for p in batch]
+        assert outcomes == [
+            *("added", "added", "unchanged", "updated", "unchanged"),
+            *("unchanged", "updated", "unchanged", "unchanged"),
+        ]
+        assert c.pairs() == d.pairs()
+        assert [(p.point_id, p.prompt) for p in c.pairs()] == [
+            (1, "newer"),
+            (2, "q"),
+            (3, "edited"),
+        ]
+        assert [p.content for p in c.points()] == [v2.content, other.content, stored_newer.content]
+        assert c.stats() == d.stats() == {"points": 3, "pairs": 3, "pairs_since_watermark": 3}
+        # the same batch again (a redelivery): nothing changes
+        assert c.upsert_points([(p, pairs_from_point(p)) for p in batch]) == ["unchanged"] * 9
+        assert c.pairs() == d.pairs()
+        assert c.upsert_points([]) == []
+
+
+def test_a_failing_batch_stores_nothing(corpus: Corpus) -> None:
+    good = pt(1, "User: a\nAssistant: b")
+    broken = pt(2, "User: c\nAssistant: d")
+    twice = pairs_from_point(broken) * 2  # the same (point, turn) twice breaks the primary key
+    with pytest.raises(sqlite3.IntegrityError):
+        corpus.upsert_points([(good, pairs_from_point(good)), (broken, twice)])
+    assert corpus.stats()["points"] == 0
+    assert upsert(corpus, good) == "added"  # the corpus is usable afterwards
+
+
+def test_large_writes_are_checkpointed_into_the_database_file(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.sqlite3"
+    text = "x" * 2000
+    with Corpus.open(path) as c:
+        for start in range(0, 3000, 100):  # ~12 MB through the WAL
+            c.upsert_points(
+                [
+                    (p, pairs_from_point(p))
+                    for p in (
+                        pt(i, f"User: {i}\nAssistant: {text}") for i in range(start, start + 100)
+                    )
+                ]
+            )
+        # the background checkpointer copies the WAL into the main file while we keep the
+        # corpus open (SQLite's own automatic checkpoint is off)
+        for _ in range(200):
+            if path.stat().st_size > 4_000_000:
+                break
+            time.sleep(0.05)
+        assert path.stat().st_size > 4_000_000
+        assert c.stats()["pairs"] == 3000
+    with Corpus.open(path) as again:
+        assert again.stats()["pairs"] == 3000
