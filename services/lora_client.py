@@ -135,6 +135,12 @@ async def create_lora_model(
             on_progress=on_line,
         )
         used = "merged"
+    # the report plots [step, loss] points
+    curve = metrics.get("loss_curve") or []
+    metrics["loss_curve"] = [
+        [i + 1, float(x)] if isinstance(x, int | float) else x for i, x in enumerate(curve)
+    ]
+    metrics["exports"] = sorted(k for k in files if k != "metrics")
     metrics["served_from"] = used
     metrics["worker"] = result.worker
     return metrics

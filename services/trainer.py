@@ -212,7 +212,12 @@ class Trainer:
             "report_json": str(s.training_path / f"report_{run_id}.json"),
             "report_html": str(s.training_path / f"report_{run_id}.html"),
         }
-        json_path, _ = write_report(report, s.training_path, run_id)
+        json_path: Path | None = None
+        try:
+            json_path, _ = write_report(report, s.training_path, run_id)
+        except Exception as exc:  # the outcome is still announced, with the reason
+            log.exception("run %s: cannot write the report", run_id)
+            report.error = (report.error + "; " if report.error else "") + f"report: {exc}"
         subject = (
             subjects.TRAINING_FAILED if report.status == "failed" else subjects.TRAINING_COMPLETED
         )
@@ -223,7 +228,7 @@ class Trainer:
                 request_id=req.request_id,
                 status=report.status,
                 report=msgspec.to_builtins(report),
-                report_path=str(json_path),
+                report_path=str(json_path) if json_path else None,
             ),
         )
         return report
