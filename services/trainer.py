@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import numpy as np
 
 from services import generator, scoring
 from services.filter import run_filter
@@ -100,6 +101,24 @@ def few_shot_messages(pairs: list[Pair], n: int, *, max_chars: int) -> list[Chat
             ChatMessage(role="assistant", content=assistant),
         ]
     return msgs
+
+
+class ChunkedEmbedder:
+    """Embeds in chunks and reports after each, so a long dedupe shows progress."""
+
+    def __init__(
+        self, inner: Embedder, report: Callable[[int, int], Awaitable[None]], chunk: int = 256
+    ) -> None:
+        self.inner, self.report, self.chunk = inner, report, chunk
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        if len(texts) <= self.chunk:
+            return await self.inner.embed(texts)
+        parts = []
+        for start in range(0, len(texts), self.chunk):
+            parts.append(await self.inner.embed(texts[start : start + self.chunk]))
+            await self.report(min(start + self.chunk, len(texts)), len(texts))
+        return np.concatenate(parts)
 
 
 class RunRegistry:
@@ -268,7 +287,11 @@ class Trainer:
         # 2. filter
         async with state.stage("filter"):
             await self._progress(state, "filter", 0, len(pairs), "filtering pairs")
-            result = await run_filter(pairs, s, self.embedder)
+
+            async def embedded(done: int, total: int) -> None:
+                await self._progress(state, "filter", done, total, "embedding pairs")
+
+            result = await run_filter(pairs, s, ChunkedEmbedder(self.embedder, embedded))
         state.funnel += [
             FunnelStage(
                 stage=st.stage,
