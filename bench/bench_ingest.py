@@ -117,7 +117,7 @@ async def collector_ingest(url: str, n: int, payloads: list[bytes]) -> float:
 async def main(n: int, rounds: int) -> None:
     payloads = load_payloads()
     cases = {
-        "raw nats-py publish+fetch+ack (baseline)": raw_consume_ack,
+        "raw nats-py fetch+ack (baseline)": raw_consume_ack,
         "collector (decode, pairs, sqlite, ack)": collector_ingest,
     }
     rates: dict[str, list[float]] = {name: [] for name in cases}

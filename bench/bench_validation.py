@@ -89,14 +89,16 @@ async def wait_for_validators(bus: Bus, k: int) -> None:
         raise RuntimeError(f"only {len(seen)} of {k} validators answered")
 
 
-async def with_processes(bus: Bus, k: int, nats_url: str, ollama_url: str, n: int) -> float:
+async def with_processes(
+    bus: Bus, k: int, nats_url: str, ollama_url: str, n: int, per: int
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         procs = start_validators(k, nats_url, ollama_url, Path(tmp))
         try:
             await wait_for_validators(bus, k)
             cases = make_cases(f"k{k}", n)
             t0 = time.perf_counter()
-            results = await validate_cases(bus, cases, concurrency=4 * k, timeout_s=30)
+            results = await validate_cases(bus, cases, concurrency=per * k, timeout_s=30)
             elapsed = time.perf_counter() - t0
             errors = [r.error for r in results if r.error]
             if errors:
@@ -113,6 +115,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--inflight", type=int, default=4, help="cases in flight per validator")
     args = ap.parse_args()
     n = args.cases
     with tempfile.TemporaryDirectory() as store, OllamaDouble(latency_s=args.latency) as double:
@@ -130,7 +133,7 @@ async def main() -> None:
                 rows.append(
                     (
                         f"{k} validator process(es)",
-                        await with_processes(bus, k, server.url, double.url, n),
+                        await with_processes(bus, k, server.url, double.url, n, args.inflight),
                     )
                 )
             await bus.close()
