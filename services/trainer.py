@@ -26,7 +26,14 @@ import numpy as np
 from services import generator, scoring
 from services.filter import run_filter
 from services.memory_adapter import load_watermark, save_watermark
-from services.report import CaseResult, FunnelStage, RunReport, apply_comparison, write_report
+from services.report import (
+    CaseResult,
+    FunnelStage,
+    RunReport,
+    apply_comparison,
+    read_report,
+    write_report,
+)
 from services.validator import score_case, validate_cases
 from shared import subjects
 from shared.backend import Backend, ChatMessage, CreateProgress, CreateRequest
@@ -160,13 +167,35 @@ class Trainer:
 
     # --- bus entry point --------------------------------------------------------------------
     async def on_training_requested(self, req: TrainingRequested, delivery: Delivery) -> None:
-        if req.request_id and self.registry.get(req.request_id):
-            log.info(
-                "request %s already ran as %s", req.request_id, self.registry.get(req.request_id)
-            )
+        ran_as = self.registry.get(req.request_id) if req.request_id else None
+        if ran_as:
+            log.info("request %s already ran as %s", req.request_id, ran_as)
+            await self._announce_again(req, ran_as)
             return
         async with self._lock, delivery.keep_alive(every=5.0):
             await self.run(req)
+
+    async def _announce_again(self, req: TrainingRequested, run_id: str) -> None:
+        """A redelivered request whose run finished: repeat its outcome (the first
+        announcement may be what failed), never the run."""
+        path = self.settings.training_path / f"report_{run_id}.json"
+        if not path.exists():
+            return  # still running, or it died before writing a report
+        report = read_report(path)
+        subject = (
+            subjects.TRAINING_FAILED if report.status == "failed" else subjects.TRAINING_COMPLETED
+        )
+        await self.bus.publish(
+            subject,
+            TrainingFinished(
+                run_id=run_id,
+                request_id=req.request_id,
+                status=report.status,
+                report=msgspec.to_builtins(report),
+                report_path=str(path),
+            ),
+            msg_id=f"finished-{run_id}",
+        )
 
     # --- the run ----------------------------------------------------------------------------
     async def run(self, req: TrainingRequested) -> RunReport:
@@ -249,6 +278,7 @@ class Trainer:
                 report=msgspec.to_builtins(report),
                 report_path=str(json_path) if json_path else None,
             ),
+            msg_id=f"finished-{run_id}",
         )
         return report
 

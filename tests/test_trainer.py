@@ -1,0 +1,131 @@
+"""Trainer on the real bus: one run per request id, the skip gates, progress events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services import trainer as trainer_service
+from services.collector import pairs_from_point
+from services.trainer import few_shot_messages, new_model_name
+from shared import subjects
+from shared.bus import Bus
+from shared.corpus import Corpus
+from shared.embeddings import Embedder
+from shared.messages import (
+    MemoryPoint,
+    Pair,
+    TrainingFinished,
+    TrainingProgress,
+    TrainingRequested,
+    TrainingStarted,
+    decode,
+)
+from shared.ollama import OllamaClient
+from shared.settings import Settings
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_new_model_names_are_valid_ollama_names() -> None:
+    assert new_model_name("qwen3:0.6b", "20261126_120501") == "mindx-qwen3-0.6b:20261126-120501"
+    assert new_model_name("hf.co/org/Model Q4:latest", "20261126_120501").startswith(
+        "mindx-Model-Q4-latest:"
+    )
+
+
+def test_few_shot_messages_respect_the_budget_and_alternate() -> None:
+    pairs = [Pair(prompt=f"question {i}", completion="x" * 100, point_id=i) for i in range(80)]
+    msgs = few_shot_messages(pairs, 50, max_chars=1000)
+    assert [m.role for m in msgs[:4]] == ["user", "assistant", "user", "assistant"]
+    assert sum(len(m.content) for m in msgs) <= 1000
+    assert len(msgs) // 2 < 50  # the budget, not the count, stopped it
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the checkout")
+async def test_a_repeated_request_id_starts_no_second_run(
+    tmp_path: Path, bus: Bus, ollama_double: Any
+) -> None:
+    settings = Settings.load(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "watermark": str(tmp_path / "wm.json"),
+            "config": str(tmp_path / "models.json"),
+            "config_wait_s": 0.5,
+            "ollama": ollama_double.url,
+        },
+        env={},
+    )
+    lines = (SHARED_DATA / "multiwoz.memory.jsonl").read_text().splitlines()[:300]
+    started: list[TrainingStarted] = []
+    finished: asyncio.Queue[TrainingFinished] = asyncio.Queue()
+    stages: set[str] = set()
+
+    async def on_started(ev: TrainingStarted) -> None:
+        started.append(ev)
+
+    async def on_finished(ev: TrainingFinished) -> None:
+        await finished.put(ev)
+
+    async def on_progress(ev: TrainingProgress) -> None:
+        stages.add(ev.stage)
+
+    await bus.subscribe(subjects.TRAINING_STARTED, TrainingStarted, on_started)
+    await bus.subscribe(subjects.TRAINING_COMPLETED, TrainingFinished, on_finished)
+    await bus.subscribe(f"{subjects.TRAINING_PROGRESS}.*", TrainingProgress, on_progress)
+
+    with Corpus.open(settings.data_path / "corpus.sqlite3") as corpus:
+        for line in lines:
+            point = decode(line.encode(), MemoryPoint)
+            corpus.upsert_point(point, pairs_from_point(point))
+        async with OllamaClient(ollama_double.url) as client:
+            embedder = Embedder(client, settings.embedding_model)
+            service = await trainer_service.serve(bus, settings, client, embedder, corpus)
+            try:
+                request = TrainingRequested(request_id="req-1", min_corpus=50)
+                await bus.publish(subjects.TRAINING_REQUESTED, request, msg_id="a")
+                first = await asyncio.wait_for(finished.get(), 120)
+                # the same request again (a new message, so JetStream does not drop it)
+                await bus.publish(subjects.TRAINING_REQUESTED, request, msg_id="b")
+                await bus.wait_idle(subjects.TRAINER, timeout=30)
+            finally:
+                await service.stop()
+
+    assert first.request_id == "req-1"
+    assert first.status not in ("failed", "skipped"), first.report.get("error")
+    assert len(started) == 1
+    reports = list(settings.training_path.glob("report_*.json"))
+    assert len(reports) == 1
+    assert json.loads(reports[0].read_text())["run_id"] == first.run_id
+    # progress was announced for every stage a person waits on
+    assert {"collect", "filter", "validate_base", "create", "validate_new"} <= stages
+
+
+async def test_too_small_a_corpus_is_skipped_and_moves_nothing(
+    tmp_path: Path, bus: Bus, ollama_double: Any
+) -> None:
+    settings = Settings.load(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "watermark": str(tmp_path / "wm.json"),
+            "ollama": ollama_double.url,
+        },
+        env={},
+    )
+    with Corpus.open(settings.data_path / "corpus.sqlite3") as corpus:
+        point = MemoryPoint(
+            id=1, content="User: hello there friend\nAssistant: Hello! How are you?"
+        )
+        corpus.upsert_point(point, pairs_from_point(point))
+        async with OllamaClient(ollama_double.url) as client:
+            t = trainer_service.Trainer(
+                bus, settings, client, Embedder(client, settings.embedding_model), corpus
+            )
+            report = await t.run(TrainingRequested(min_corpus=50))
+    assert report.status == "skipped" and "fewer than min_corpus 50" in report.decision_reason
+    assert not (tmp_path / "wm.json").exists()
+    assert not ollama_double.count("/api/create")
