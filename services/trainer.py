@@ -181,20 +181,21 @@ class Trainer:
         path = self.settings.training_path / f"report_{run_id}.json"
         if not path.exists():
             return  # still running, or it died before writing a report
-        report = read_report(path)
-        subject = (
-            subjects.TRAINING_FAILED if report.status == "failed" else subjects.TRAINING_COMPLETED
-        )
+        await self._announce(req, read_report(path), path)
+
+    async def _announce(self, req: TrainingRequested, report: RunReport, path: Path | None) -> None:
+        """`training.completed` or `training.failed`, once per run (message id = run)."""
+        failed = report.status == "failed"
         await self.bus.publish(
-            subject,
+            subjects.TRAINING_FAILED if failed else subjects.TRAINING_COMPLETED,
             TrainingFinished(
-                run_id=run_id,
+                run_id=report.run_id,
                 request_id=req.request_id,
                 status=report.status,
                 report=msgspec.to_builtins(report),
-                report_path=str(path),
+                report_path=str(path) if path else None,
             ),
-            msg_id=f"finished-{run_id}",
+            msg_id=f"finished-{report.run_id}",
         )
 
     # --- the run ----------------------------------------------------------------------------
@@ -266,20 +267,7 @@ class Trainer:
         except Exception as exc:  # the outcome is still announced, with the reason
             log.exception("run %s: cannot write the report", run_id)
             report.error = (report.error + "; " if report.error else "") + f"report: {exc}"
-        subject = (
-            subjects.TRAINING_FAILED if report.status == "failed" else subjects.TRAINING_COMPLETED
-        )
-        await self.bus.publish(
-            subject,
-            TrainingFinished(
-                run_id=run_id,
-                request_id=req.request_id,
-                status=report.status,
-                report=msgspec.to_builtins(report),
-                report_path=str(json_path) if json_path else None,
-            ),
-            msg_id=f"finished-{run_id}",
-        )
+        await self._announce(req, report, json_path)
         return report
 
     async def _progress(
