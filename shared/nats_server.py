@@ -115,6 +115,9 @@ class EmbeddedNats:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            # Ctrl-C in a terminal signals the whole process group; the server must outlive
+            # the services that drain into it, and is stopped by us on the way out.
+            start_new_session=True,
         )
         self._proc = proc
         try:
