@@ -13,9 +13,11 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -461,6 +463,20 @@ class ProgressBars:
 # --- entry point --------------------------------------------------------------------------------
 
 
+async def _cancellable(command: Coroutine[Any, Any, int]) -> int:
+    """Run a command; SIGTERM cancels it like Ctrl-C, so an embedded server, open runs and
+    services are closed on the way out."""
+    task = asyncio.ensure_future(command)
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -477,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return asyncio.run(args.func(settings, args))
+        return asyncio.run(_cancellable(args.func(settings, args)))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

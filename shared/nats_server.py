@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib.metadata
 import logging
 import os
 import shutil
 import signal
+import sys
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,6 +57,14 @@ def _parse_listen(line: str) -> tuple[str, int]:
     addr = line.split(_LISTENING, 1)[1].strip()
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the process that started the
+    server dies, even by SIGKILL, so no server outlives its owner."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EmbeddedNats:
@@ -118,6 +128,7 @@ class EmbeddedNats:
             # Ctrl-C in a terminal signals the whole process group; the server must outlive
             # the services that drain into it, and is stopped by us on the way out.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self._proc = proc
         try:
