@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from shared import subjects
-from shared.files import atomic_write, timestamp
+from shared.files import atomic_write, create_new, timestamp
 from shared.messages import ModelUpdated, ModelUpdateFailed, ModelValidated, RollbackRequested
 
 if TYPE_CHECKING:
@@ -182,24 +181,6 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return atomic_write(target, render_config(data), mode=mode)
 
 
-def _create_new(dest: Path, data: bytes, mode: int) -> bool:
-    """Write `data` to `dest` atomically unless `dest` exists; False if it did."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, dest)  # unlike rename, link never replaces an existing file
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def backup_config(path: Path, *, at: datetime | None = None) -> Path:
     """Copy the config to `<config>.backup.<YYYYMMDD_HHMMSS>` (`.2`, `.3`... within one second)."""
     path = Path(path)
@@ -209,7 +190,7 @@ def backup_config(path: Path, *, at: datetime | None = None) -> Path:
     n = 1
     while True:
         dest = path.with_name(stem if n == 1 else f"{stem}.{n}")
-        if _create_new(dest, data, mode):
+        if create_new(dest, data, mode=mode):
             return dest
         n += 1
 

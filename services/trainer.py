@@ -398,7 +398,7 @@ class Trainer:
                 new_score=n.score,
                 base_error=b.error,
                 new_error=n.error,
-                topic=p.keywords[0] if p.keywords else p.kind,
+                topic=scoring.topic_of(p),
             )
             for i, (p, b, n) in enumerate(zip(held, base_results, new_results, strict=True))
         ]

@@ -21,8 +21,8 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes | str, *, mode: int = PRIVATE_FILE) -> Path:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+def _write_temp(path: Path, data: bytes | str, mode: int) -> str:
+    """A fsynced temp file with `data` beside `path`; the caller renames or links it."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,16 +33,43 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = PRIVATE_FILE) -> 
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path: Path, data: bytes | str, *, mode: int = PRIVATE_FILE) -> Path:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    tmp = _write_temp(path, data, mode)
+    try:
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def create_new(path: Path, data: bytes | str, *, mode: int = PRIVATE_FILE) -> bool:
+    """Write `path` atomically only if it does not exist yet; False if it did."""
+    tmp = _write_temp(path, data, mode)
+    try:
+        os.link(tmp, path)  # unlike rename, link never replaces an existing file
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
 
 
 def write_private(path: Path, data: bytes | str) -> Path:
