@@ -15,27 +15,23 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
-import statistics
 import tempfile
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from bench.bench_ingest_raw import load_payloads
+from bench.bench_ingest_raw import Case, interleaved_rates, load_payloads, print_rates
 from services import collector
 from shared import subjects
 from shared.bus import Bus, Delivery
 from shared.corpus import Corpus
 from shared.messages import MemoryPoint
-from shared.nats_server import ensure_nats
 from shared.settings import Settings
 
 
-def unique_points(payloads: list[bytes], n: int) -> list[bytes]:
+def unique_points(payloads: Sequence[bytes], n: int) -> list[bytes]:
     """n points with distinct ids (payloads cycled), so every one is real work for the corpus."""
     out: list[bytes] = []
     for i in range(n):
@@ -55,7 +51,7 @@ async def fresh_memory_stream(bus: Bus, points: list[bytes]) -> None:
         await bus.js.publish(subjects.MEMORY_POINT_CREATED, data)
 
 
-async def raw_consume_ack(url: str, n: int, payloads: list[bytes]) -> float:
+async def raw_consume_ack(url: str, n: int, payloads: Sequence[bytes]) -> float:
     """Baseline: a bare nats-py pull consumer that fetches in batches and acks every message."""
     bus = await Bus.connect(url, name="bench-raw")
     try:
@@ -81,7 +77,7 @@ async def raw_consume_ack(url: str, n: int, payloads: list[bytes]) -> float:
         await bus.close()
 
 
-async def collector_ingest(url: str, n: int, payloads: list[bytes]) -> float:
+async def collector_ingest(url: str, n: int, payloads: Sequence[bytes]) -> float:
     """The collector's consumer: decode, extract pairs, upsert into sqlite, ack."""
     with tempfile.TemporaryDirectory(prefix="bench-corpus-") as data:
         bus = await Bus.connect(url, name="bench-collector")
@@ -116,23 +112,12 @@ async def collector_ingest(url: str, n: int, payloads: list[bytes]) -> float:
 
 async def main(n: int, rounds: int) -> None:
     payloads = load_payloads()
-    cases = {
+    cases: dict[str, Case] = {
         "raw nats-py fetch+ack (baseline)": raw_consume_ack,
         "collector (decode, pairs, sqlite, ack)": collector_ingest,
     }
-    rates: dict[str, list[float]] = {name: [] for name in cases}
-    with tempfile.TemporaryDirectory(prefix="bench-nats-") as store:
-        async with ensure_nats(os.environ.get("NATS_URL"), Path(store)) as url:
-            for case in cases.values():  # warm-up
-                await case(url, min(n, 200), payloads)
-            for _ in range(rounds):
-                for name, case in cases.items():
-                    rates[name].append(n / await case(url, n, payloads))
-    base = statistics.median(rates[next(iter(cases))])
-    print(f"{platform.machine()} cpus={os.cpu_count()} n={n} rounds={rounds}")
-    for name, r in rates.items():
-        med = statistics.median(r)
-        print(f"{name:<44}{med:>10,.0f} points/s {med / base:>6.2f}x")
+    rates = await interleaved_rates(cases, n, rounds, payloads)
+    print_rates(rates, "points/s", f"n={n} rounds={rounds}")
 
 
 if __name__ == "__main__":
