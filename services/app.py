@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +16,6 @@ from shared.backend import Backend, open_backend
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-COMPONENTS = ("collector", "trainer", "validator", "config-updater", "lora-worker")
-# `all` is what one machine without a GPU needs; LoRA workers are started on purpose.
-ALL = ("collector", "trainer", "validator", "config-updater")
-
 
 @dataclass
 class Resources:
@@ -61,36 +56,63 @@ async def resources(settings: Settings) -> AsyncIterator[Resources]:
         yield Resources(settings=settings, stack=stack)
 
 
-async def start(bus: Any, res: Resources, names: tuple[str, ...] | list[str]) -> list[Any]:
+# --- the components: name → how to start it in a process --------------------------------------
+
+Starter = Callable[[Any, Resources], Awaitable[list[Any]]]
+
+
+async def _collector(bus: Any, res: Resources) -> list[Any]:
+    from services import collector
+
+    return [await collector.serve(bus, res.settings)]
+
+
+async def _trainer(bus: Any, res: Resources) -> list[Any]:
+    from services import trainer
+
+    backend, embedder = await res.backend(), await res.embedder()
+    return [await trainer.serve(bus, res.settings, backend, embedder, res.corpus())]
+
+
+async def _validator(bus: Any, res: Resources) -> list[Any]:
+    from services import validator
+
+    return [await validator.serve(bus, await res.backend(), await res.embedder())]
+
+
+async def _config_updater(bus: Any, res: Resources) -> list[Any]:
+    from services import config_updater
+
+    return await config_updater.serve(bus, res.settings)
+
+
+async def _lora_worker(bus: Any, res: Resources) -> list[Any]:
+    from training import worker  # torch: loaded only where a worker runs
+
+    return [await worker.serve(bus, res.settings)]
+
+
+COMPONENTS: dict[str, Starter] = {
+    "collector": _collector,
+    "trainer": _trainer,
+    "validator": _validator,
+    "config-updater": _config_updater,
+    "lora-worker": _lora_worker,
+}
+# `all` is what one machine without a GPU needs; LoRA workers are started on purpose.
+ALL = ("collector", "trainer", "validator", "config-updater")
+
+
+async def start(bus: Any, res: Resources, names: Sequence[str]) -> list[Any]:
     """Start the named components on `bus`; returns their service handles."""
     unknown = set(names) - set(COMPONENTS)
     if unknown:
-        raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {COMPONENTS} or all")
-    s = res.settings
+        raise ValueError(
+            f"unknown component(s) {sorted(unknown)}; choose from {', '.join(COMPONENTS)} or all"
+        )
     started: list[Any] = []
     for name in names:
-        if name == "collector":
-            from services import collector
-
-            started.append(await collector.serve(bus, s))
-        elif name == "validator":
-            from services import validator
-
-            started.append(await validator.serve(bus, await res.backend(), await res.embedder()))
-        elif name == "trainer":
-            from services import trainer
-
-            started.append(
-                await trainer.serve(bus, s, await res.backend(), await res.embedder(), res.corpus())
-            )
-        elif name == "config-updater":
-            from services import config_updater
-
-            started.extend(await config_updater.serve(bus, s))
-        elif name == "lora-worker":
-            from training import worker
-
-            started.append(await worker.serve(bus, s))
+        started.extend(await COMPONENTS[name](bus, res))
         log.info("serving %s", name)
     res.services.extend(started)
     return started

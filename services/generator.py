@@ -27,6 +27,7 @@ import msgspec
 from shared.backend import ChatMessage
 from shared.files import ensure_private_dir, write_private
 from shared.messages import Pair
+from shared.subjects import RunNames
 
 MESSAGE_ROLES = frozenset({"system", "user", "assistant"})
 _PARAM_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -180,10 +181,10 @@ def dataset_jsonl(records: Iterable[Mapping[str, Any]]) -> bytes:
 
 
 def write_run_files(
-    training_dir: Path, ts: str, records: Iterable[Mapping[str, Any]], modelfile: str
+    training_dir: Path, names: RunNames, records: Iterable[Mapping[str, Any]], modelfile: str
 ) -> RunFiles:
-    """`train_data_<ts>.jsonl` and `Modelfile_<ts>` under `training_dir`, both 0600."""
+    """`train_data_<run_id>.jsonl` and `Modelfile_<run_id>` under `training_dir`, both 0600."""
     ensure_private_dir(training_dir)
-    dataset = write_private(training_dir / f"train_data_{ts}.jsonl", dataset_jsonl(records))
-    mf = write_private(training_dir / f"Modelfile_{ts}", modelfile)
+    dataset = write_private(training_dir / names.dataset_file, dataset_jsonl(records))
+    mf = write_private(training_dir / names.modelfile_file, modelfile)
     return RunFiles(dataset=dataset, modelfile=mf)

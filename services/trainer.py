@@ -1,8 +1,8 @@
 """Trainer: one training run per `training.requested`, from corpus to a validated model.
 
-corpus since the watermark → filter → split (train / held-out, disjoint by prompt) → run files
-→ validate the base → create the new model (message mode: baked few-shot messages; lora mode: a
-job for a LoRA worker) → validate the new model → decide → `model.validated` → report.
+This is the imperative shell of a run: it reads the corpus, calls the filter, writes the run
+files, asks the validators, has the model built, publishes the outcome and writes the report.
+Every decision on the way (enough data? which split? promote?) is made in `services/pipeline.py`.
 """
 
 from __future__ import annotations
@@ -11,38 +11,32 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
 
-from services import generator, scoring
+from services import generator, model_builder, pipeline
 from services.filter import run_filter
 from services.memory_adapter import load_watermark, save_watermark
-from services.report import (
-    CaseResult,
-    FunnelStage,
-    RunReport,
-    apply_comparison,
-    read_report,
-    write_report,
-)
+from services.report import apply_comparison, read_report, write_report
 from services.validator import score_case, validate_cases
 from shared import subjects
-from shared.backend import Backend, ChatMessage, CreateProgress, CreateRequest
+from shared.backend import Backend, ChatMessage
+from shared.bus import Expect
 from shared.files import atomic_write, timestamp
 from shared.messages import (
     ModelUpdated,
     ModelUpdateFailed,
     ModelValidated,
     Pair,
+    RunReport,
     TrainingFinished,
     TrainingProgress,
     TrainingRequested,
@@ -52,6 +46,7 @@ from shared.messages import (
     utc_now,
 )
 from shared.settings import Settings
+from shared.subjects import RunNames
 
 if TYPE_CHECKING:
     from shared.bus import Bus, Delivery, Service
@@ -59,55 +54,6 @@ if TYPE_CHECKING:
     from shared.embeddings import Embedder
 
 log = logging.getLogger(__name__)
-
-
-class RunSkipped(Exception):
-    """The run stops early by design (not enough data); not a failure."""
-
-
-@dataclass
-class RunState:
-    run_id: str
-    ts: str
-    request: TrainingRequested
-    settings: Settings
-    started: datetime = field(default_factory=utc_now)
-    clock: float = field(default_factory=time.perf_counter)
-    timings: dict[str, float] = field(default_factory=dict)
-    funnel: list[FunnelStage] = field(default_factory=list)
-    artifacts: dict[str, str] = field(default_factory=dict)
-    report: RunReport = field(default_factory=RunReport)
-
-    @contextlib.asynccontextmanager
-    async def stage(self, name: str):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(time.perf_counter() - t0, 3)
-
-
-def new_model_name(base: str, ts: str) -> str:
-    """`qwen3:0.6b` → `mindx-qwen3-0.6b:20261126-120501` (a valid Ollama name)."""
-    stem = base.rsplit("/", 1)[-1]
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "model"
-    return f"mindx-{stem}:{ts.replace('_', '-')}"
-
-
-def few_shot_messages(pairs: list[Pair], n: int, *, max_chars: int) -> list[ChatMessage]:
-    """At most n examples spread evenly over the training split, within a character budget."""
-    msgs: list[ChatMessage] = []
-    used = 0
-    for p in generator.select_examples(pairs, n):
-        user, assistant = generator.sanitize_text(p.prompt), generator.sanitize_text(p.completion)
-        if used + len(user) + len(assistant) > max_chars and msgs:
-            break
-        used += len(user) + len(assistant)
-        msgs += [
-            ChatMessage(role="user", content=user),
-            ChatMessage(role="assistant", content=assistant),
-        ]
-    return msgs
 
 
 class ChunkedEmbedder:
@@ -145,7 +91,38 @@ class RunRegistry:
         atomic_write(self.path, json.dumps(self._runs, indent=1))
 
 
-ProgressSink = Callable[[TrainingProgress], Awaitable[None]]
+@dataclass
+class Run:
+    """One run in progress: its names, settings, the report being filled and stage timings."""
+
+    names: RunNames
+    request: TrainingRequested
+    settings: Settings
+    report: RunReport
+    bus: Bus
+    started: datetime = field(default_factory=utc_now)
+
+    @property
+    def run_id(self) -> str:
+        return self.names.run_id
+
+    @contextlib.asynccontextmanager
+    async def stage(self, name: str) -> AsyncIterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.report.timings[name] = round(time.perf_counter() - t0, 3)
+
+    async def progress(
+        self, stage: str, done: int = 0, total: int | None = None, message: str = ""
+    ) -> None:
+        await self.bus.publish(
+            self.names.progress_subject,
+            TrainingProgress(
+                run_id=self.run_id, stage=stage, done=done, total=total, message=message
+            ),
+        )
 
 
 class Trainer:
@@ -170,15 +147,15 @@ class Trainer:
         ran_as = self.registry.get(req.request_id) if req.request_id else None
         if ran_as:
             log.info("request %s already ran as %s", req.request_id, ran_as)
-            await self._announce_again(req, ran_as)
+            await self._announce_again(req, RunNames(ran_as))
             return
         async with self._lock, delivery.keep_alive(every=5.0):
             await self.run(req)
 
-    async def _announce_again(self, req: TrainingRequested, run_id: str) -> None:
+    async def _announce_again(self, req: TrainingRequested, names: RunNames) -> None:
         """A redelivered request whose run finished: repeat its outcome (the first
         announcement may be what failed), never the run."""
-        path = self.settings.training_path / f"report_{run_id}.json"
+        path = self.settings.training_path / names.report_json_file
         if not path.exists():
             return  # still running, or it died before writing a report
         await self._announce(req, read_report(path), path)
@@ -195,278 +172,172 @@ class Trainer:
                 report=msgspec.to_builtins(report),
                 report_path=str(path) if path else None,
             ),
-            msg_id=f"finished-{report.run_id}",
+            msg_id=RunNames(report.run_id).finished_msg_id,
         )
+
+    def _new_run_id(self) -> str:
+        ts = timestamp()
+        taken = (self.settings.training_path / RunNames(ts).report_json_file).exists()
+        return f"{ts}_{uuid.uuid4().hex[:4]}" if taken else ts
 
     # --- the run ----------------------------------------------------------------------------
     async def run(self, req: TrainingRequested) -> RunReport:
-        s = self.settings.replace(
-            **{
-                k: v
-                for k, v in {
-                    "mode": req.mode,
-                    "model": req.base_model,
-                    "min_corpus": req.min_corpus,
-                }.items()
-                if v is not None
-            }
-        )
-        ts = timestamp()
-        run_id = (
-            ts
-            if not (s.training_path / f"report_{ts}.json").exists()
-            else f"{ts}_{uuid.uuid4().hex[:4]}"
-        )
+        names = RunNames(self._new_run_id())
         if req.request_id:
-            self.registry.add(req.request_id, run_id)
-        await self.bus.publish(
-            subjects.TRAINING_STARTED,
-            TrainingStarted(
-                run_id=run_id,
-                request_id=req.request_id,
-                mode=s.mode,
-                base_model=s.base_model,
-                backend=s.backend,
-            ),
-        )
-        state = RunState(run_id=run_id, ts=run_id, request=req, settings=s)
-        report = state.report = RunReport(
-            training_id=run_id,
-            run_id=run_id,
-            request_id=req.request_id,
-            start_time=state.started,
-            base_model=s.base_model,
-            mode=s.mode,
-            backend=s.backend,
-            status="failed",
-            min_effect=s.min_effect,
-        )
+            self.registry.add(req.request_id, names.run_id)
+        s = self.settings
+        report = RunReport(training_id=names.run_id, run_id=names.run_id, status="failed")
+        run = Run(names=names, request=req, settings=s, report=report, bus=self.bus)
         try:
-            await self._run(state)
-            report = state.report
-        except RunSkipped as exc:
-            report = state.report
-            report.status = "skipped"
-            report.decision_reason = str(exc)
+            run.settings = s = pipeline.run_settings(s, req)
+            report.mode, report.backend = s.mode, s.backend
+            report.base_model, report.min_effect = s.base_model, s.min_effect
+            report.request_id, report.start_time = req.request_id, run.started
+            await self.bus.publish(
+                subjects.TRAINING_STARTED,
+                TrainingStarted(
+                    run_id=names.run_id,
+                    request_id=req.request_id,
+                    mode=s.mode,
+                    base_model=s.base_model,
+                    backend=s.backend,
+                ),
+            )
+            await self._run(run)
+        except pipeline.RunSkipped as exc:
+            run.report.status = "skipped"
+            run.report.decision_reason = str(exc)
         except Exception as exc:  # a failed run leaves config and watermark untouched
-            log.exception("run %s failed", run_id)
-            report = state.report
-            report.status = "failed"
-            report.error = f"{type(exc).__name__}: {exc}"
+            log.exception("run %s failed", names.run_id)
+            run.report.status = "failed"
+            run.report.error = f"{type(exc).__name__}: {exc}"
+        report = run.report
+        report.request_id, report.start_time = req.request_id, run.started
         report.end_time = utc_now()
-        report.timings = state.timings
-        report.funnel = state.funnel
-        report.artifacts = {
-            **state.artifacts,
-            "report_json": str(s.training_path / f"report_{run_id}.json"),
-            "report_html": str(s.training_path / f"report_{run_id}.html"),
-        }
+        report.artifacts.update(
+            report_json=str(s.training_path / names.report_json_file),
+            report_html=str(s.training_path / names.report_html_file),
+        )
         json_path: Path | None = None
         try:
-            json_path, _ = write_report(report, s.training_path, run_id)
+            json_path, _ = write_report(report, s.training_path, names)
         except Exception as exc:  # the outcome is still announced, with the reason
-            log.exception("run %s: cannot write the report", run_id)
+            log.exception("run %s: cannot write the report", names.run_id)
             report.error = (report.error + "; " if report.error else "") + f"report: {exc}"
         await self._announce(req, report, json_path)
         return report
 
-    async def _progress(
-        self,
-        state: RunState,
-        stage: str,
-        done: int = 0,
-        total: int | None = None,
-        message: str = "",
-    ) -> None:
-        await self.bus.publish(
-            subjects.progress_subject(state.run_id),
-            TrainingProgress(
-                run_id=state.run_id, stage=stage, done=done, total=total, message=message
-            ),
-        )
+    async def _run(self, run: Run) -> None:
+        s, report, req = run.settings, run.report, run.request
 
-    async def _run(self, state: RunState) -> None:
-        s = state.settings
-        report = state.report
-        req = state.request
         # 1. corpus since the watermark (none yet: the whole corpus)
-        async with state.stage("collect"):
+        async with run.stage("collect"):
             since = req.since or load_watermark(s.watermark_path)
             pairs = await asyncio.to_thread(self.corpus.pairs, since)
         report.total_pairs = len(pairs)
-        await self._progress(
-            state, "collect", len(pairs), len(pairs), f"{len(pairs)} pairs since {since}"
-        )
-        if len(pairs) < s.min_corpus and not req.force:
-            raise RunSkipped(
-                f"{len(pairs)} pairs since the last run, fewer than min_corpus {s.min_corpus}"
-            )
+        await run.progress("collect", len(pairs), len(pairs), f"{len(pairs)} pairs since {since}")
+        pipeline.check_collected(pairs, s, force=req.force)
 
         # 2. filter
-        async with state.stage("filter"):
-            await self._progress(state, "filter", 0, len(pairs), "filtering pairs")
+        async with run.stage("filter"):
+            await run.progress("filter", 0, len(pairs), "filtering pairs")
 
             async def embedded(done: int, total: int) -> None:
-                await self._progress(state, "filter", done, total, "embedding pairs")
+                await run.progress("filter", done, total, "embedding pairs")
 
             result = await run_filter(pairs, s, ChunkedEmbedder(self.embedder, embedded))
-        state.funnel += [
-            FunnelStage(
-                stage=st.stage,
-                count_in=st.count_in,
-                count_out=st.count_out,
-                dropped=dict(st.dropped),
-            )
-            for st in result.stages
-        ]
-        kept = result.kept
-        report.filtered_pairs = len(kept)
-        await self._progress(state, "filter", len(pairs), len(pairs), f"{len(kept)} pairs kept")
-        if len(kept) < s.min_corpus / 2 and not req.force:
-            raise RunSkipped(
-                f"{len(kept)} pairs left after filtering, "
-                f"fewer than half of min_corpus {s.min_corpus}"
-            )
+        report.funnel = list(result.stages)
+        report.filtered_pairs = len(result.kept)
+        await run.progress("filter", len(pairs), len(pairs), f"{len(result.kept)} pairs kept")
+        pipeline.check_filtered(result.kept, s, force=req.force)
 
         # 3. split by prompt: held-out prompts never reach the model
-        train, held = scoring.split_held_out(
-            kept, s.held_out, seed=s.seed, max_fraction=s.held_out_fraction
-        )
-        if not held or not train:
-            raise RunSkipped(f"too few distinct prompts to hold out cases ({len(kept)} pairs)")
-        report.training_pairs = len(train)
-        report.held_out_cases = len(held)
-        state.funnel.append(
-            FunnelStage(
-                stage="split",
-                count_in=len(kept),
-                count_out=len(train),
-                dropped={
-                    "held_out": len(held),
-                    "same_prompt_as_held_out": len(kept) - len(train) - len(held),
-                },
-            )
-        )
+        split = pipeline.split(result.kept, s)
+        report.training_pairs = len(split.train)
+        report.held_out_cases = len(split.held_out)
+        report.funnel.append(split.stage)
 
         # 4. run files
-        async with state.stage("generate"):
-            new_model = new_model_name(s.base_model, state.ts)
-            examples = few_shot_messages(train, s.max_examples, max_chars=s.example_budget_chars)
-            records = generator.dataset_records(train, s.system_prompt)
+        async with run.stage("generate"):
+            new_model = run.names.model_name(s.base_model)
+            examples = pipeline.few_shot_messages(
+                split.train, s.max_examples, max_chars=s.example_budget_chars
+            )
+            records = generator.dataset_records(split.train, s.system_prompt)
             modelfile = generator.render_modelfile(s.base_model, s.system_prompt, examples, {})
-            files = generator.write_run_files(s.training_path, state.ts, records, modelfile)
-        state.artifacts.update(dataset=str(files.dataset), modelfile=str(files.modelfile))
+            files = generator.write_run_files(s.training_path, run.names, records, modelfile)
+        report.artifacts.update(dataset=str(files.dataset), modelfile=str(files.modelfile))
         report.new_model = new_model
 
-        # 5. base model on the held-out cases
-        async with state.stage("validate_base"):
-            base_results = await self._validate(state, "validate_base", s.base_model, held)
-
-        # 6. the new model
+        # 5. the base model on the held-out cases, 6. the new model, then it on the same cases
+        async with run.stage("validate_base"):
+            base_results = await self._validate(run, "validate_base", s.base_model, split.held_out)
         t_train = time.perf_counter()
-        async with state.stage("create"):
-            if s.mode == "lora":
-                lora = await self._create_lora(state, new_model, files.dataset)
-                report.lora = lora
-            else:
-                await self._create_message_model(state, new_model, examples)
+        async with run.stage("create"):
+            await self._create(run, new_model, examples, files.dataset)
         report.training_time = round(time.perf_counter() - t_train, 3)
-
-        async with state.stage("validate_new"):
-            new_results = await self._validate(state, "validate_new", new_model, held)
+        async with run.stage("validate_new"):
+            new_results = await self._validate(run, "validate_new", new_model, split.held_out)
 
         # 7. decide
-        cmp = scoring.compare(
-            [r.score for r in base_results],
-            [r.score for r in new_results],
-            threshold=s.similarity_threshold,
-            samples=s.bootstrap_samples,
-            seed=s.seed,
-        )
-        decision = scoring.decide(
-            cmp, min_effect=s.min_effect, max_error_rate=s.max_error_rate, cases=len(held)
-        )
-        report = state.report = apply_comparison(report, cmp, decision)
-        report.cases = [
-            CaseResult(
-                case_id=i,
-                prompt=p.prompt,
-                expected=p.completion,
-                base_answer=b.answer,
-                new_answer=n.answer,
-                base_score=b.score,
-                new_score=n.score,
-                base_error=b.error,
-                new_error=n.error,
-                topic=scoring.topic_of(p),
-            )
-            for i, (p, b, n) in enumerate(zip(held, base_results, new_results, strict=True))
-        ]
-        if decision.failed:
-            raise RuntimeError(decision.reason)
+        verdict = pipeline.judge(split.held_out, base_results, new_results, s)
+        report = run.report = apply_comparison(report, verdict.comparison, verdict.decision)
+        report.cases = verdict.cases
+        if verdict.decision.failed:
+            raise RuntimeError(verdict.decision.reason)
 
         # the run got this far: the next run starts after this one's data
-        save_watermark(s.watermark_path, state.started)
-        report.status = "success" if decision.improved else "completed_no_improvement"
-
-        json_path = s.training_path / f"report_{state.ts}.json"
-        validated = ModelValidated(
-            run_id=state.run_id,
-            base_model=s.base_model,
-            new_model=new_model,
-            mode=s.mode,
-            base_score=cmp.base_mean,
-            new_score=cmp.new_mean,
-            base_accuracy=cmp.base_accuracy,
-            new_accuracy=cmp.new_accuracy,
-            improved=decision.improved,
-            cases=len(held),
-            report_path=str(json_path),
-            reason=decision.reason,
+        save_watermark(s.watermark_path, run.started)
+        report.status = verdict.status
+        validated = pipeline.validated_event(
+            run.run_id,
+            s,
+            new_model,
+            verdict,
+            report_path=str(s.training_path / run.names.report_json_file),
             request_id=req.request_id,
         )
-        async with state.stage("update_config"):
-            if decision.improved:
-                outcome = await self._publish_and_wait_config(state, validated)
-                if isinstance(outcome, ModelUpdated):
-                    report.config = {
-                        "path": outcome.config_path,
-                        "backup_path": outcome.backup_path,
-                        "previous_model": outcome.previous_model,
-                    }
-                else:
-                    report.status = "success_config_failed"
-                    report.error = outcome
-            else:
+        async with run.stage("update_config"):
+            if not verdict.decision.improved:
                 await self.bus.publish(
-                    subjects.MODEL_VALIDATED, validated, msg_id=f"validated-{state.run_id}"
+                    subjects.MODEL_VALIDATED, validated, msg_id=run.names.validated_msg_id
                 )
+                return
+            outcome = await self._switch_model(run, validated)
+            if isinstance(outcome, ModelUpdated):
+                report.config = {
+                    "path": outcome.config_path,
+                    "backup_path": outcome.backup_path,
+                    "previous_model": outcome.previous_model,
+                }
+            else:
+                report.status = "success_config_failed"
+                report.error = outcome
+
+    async def _create(
+        self, run: Run, new_model: str, examples: list[ChatMessage], dataset: Path
+    ) -> None:
+        async def status(line: str) -> None:
+            await run.progress("create", 0, None, line)
+
+        s = run.settings
+        if s.mode == "lora":
+            run.report.lora = await model_builder.create_lora_model(
+                self.bus, self.backend, s, run.names, new_model, dataset, status
+            )
+        else:
+            await model_builder.create_message_model(self.backend, s, new_model, examples, status)
 
     async def _validate(
-        self, state: RunState, stage: str, model: str, held: list[Pair]
+        self, run: Run, stage: str, model: str, held_out: list[Pair]
     ) -> list[ValidationResult]:
-        s = state.settings
-        options: dict[str, Any] = {"temperature": s.temperature, "seed": s.seed}
-        if s.backend == "local":
-            options["num_predict"] = 96  # CPU generation: answers long enough to compare
-        cases = [
-            ValidationCase(
-                run_id=state.run_id,
-                case_id=i,
-                model=model,
-                prompt=p.prompt,
-                expected=p.completion,
-                system=s.validation_system,
-                options=options,
-            )
-            for i, p in enumerate(held)
-        ]
+        cases = pipeline.validation_cases(run.run_id, model, held_out, run.settings)
         done = 0
 
         async def tick(_: ValidationResult) -> None:
             nonlocal done
             done += 1
-            await self._progress(state, stage, done, len(cases), model)
+            await run.progress(stage, done, len(cases), model)
 
         async def here(case: ValidationCase) -> ValidationResult:
             return await score_case(case, self.backend, self.embedder)
@@ -474,69 +345,39 @@ class Trainer:
         results = await validate_cases(
             self.bus,
             cases,
-            concurrency=s.validation_concurrency,
-            timeout_s=s.validation_timeout_s,
+            concurrency=run.settings.validation_concurrency,
+            timeout_s=run.settings.validation_timeout_s,
             fallback=here,
             on_result=tick,
         )
         return sorted(results, key=lambda r: r.case_id)
 
-    async def _create_message_model(
-        self, state: RunState, new_model: str, examples: list[ChatMessage]
-    ) -> None:
-        s = state.settings
-
-        async def on_line(p: CreateProgress) -> None:
-            await self._progress(state, "create", 0, None, p.status)
-
-        await self.backend.create(
-            CreateRequest(
-                model=new_model,
-                from_=s.base_model,
-                system=generator.sanitize_text(s.system_prompt),
-                messages=examples,
-            ),
-            on_progress=on_line,
-        )
-
-    async def _create_lora(self, state: RunState, new_model: str, dataset: Path) -> dict[str, Any]:
-        from services.lora_client import create_lora_model  # heavy path, loaded on demand
-
-        return await create_lora_model(self, state, new_model, dataset)
-
-    async def _publish_and_wait_config(
-        self, state: RunState, validated: ModelValidated
-    ) -> ModelUpdated | str:
-        """Publish `model.validated`; wait for the config updater's `model.updated` or failure."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[ModelUpdated | str] = loop.create_future()
-
-        async def on_updated(ev: ModelUpdated) -> None:
-            if ev.run_id == state.run_id and not answer.done():
-                answer.set_result(ev)
-
-        async def on_failed(ev: ModelUpdateFailed) -> None:
-            if ev.run_id == state.run_id and not answer.done():
-                answer.set_result(f"config update failed: {ev.error}")
-
-        subs = [
-            await self.bus.subscribe(subjects.MODEL_UPDATED, ModelUpdated, on_updated),
-            await self.bus.subscribe(subjects.MODEL_UPDATE_FAILED, ModelUpdateFailed, on_failed),
-        ]
+    async def _switch_model(self, run: Run, validated: ModelValidated) -> ModelUpdated | str:
+        """Publish `model.validated`; the config updater's `model.updated`, or why not."""
+        wait_s = run.settings.config_wait_s
         try:
-            await self.bus.publish(
-                subjects.MODEL_VALIDATED, validated, msg_id=f"validated-{state.run_id}"
+            answer = await self.bus.publish_and_wait(
+                subjects.MODEL_VALIDATED,
+                validated,
+                msg_id=run.names.validated_msg_id,
+                expect=[
+                    Expect(subjects.MODEL_UPDATED, ModelUpdated, lambda e: e.run_id == run.run_id),
+                    Expect(
+                        subjects.MODEL_UPDATE_FAILED,
+                        ModelUpdateFailed,
+                        lambda e: e.run_id == run.run_id,
+                    ),
+                ],
+                timeout=wait_s,
             )
-            try:
-                return await asyncio.wait_for(answer, state.settings.config_wait_s)
-            except TimeoutError:
-                return (
-                    f"no config updater answered within {state.settings.config_wait_s:.0f}s; "
-                    "model.validated stays on the bus for it"
-                )
-        finally:
-            for sub in subs:
-                await sub.stop()
+        except TimeoutError:
+            return (
+                f"no config updater answered within {wait_s:.0f}s; "
+                "model.validated stays on the bus for it"
+            )
+        if isinstance(answer, ModelUpdateFailed):
+            return f"config update failed: {answer.error}"
+        return answer
 
 
 async def serve(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from nats.js.api import RetentionPolicy
@@ -26,12 +27,78 @@ DEAD_LETTER_PREFIX = "dlq"  # dlq.<original subject>
 LORA_OBJECT_BUCKET = "mindx-lora"
 
 
-def progress_subject(run_id: str) -> str:
-    return f"{TRAINING_PROGRESS}.{run_id}"
-
-
 def dead_letter_subject(subject: str) -> str:
     return f"{DEAD_LETTER_PREFIX}.{subject}"
+
+
+@dataclass(frozen=True)
+class RunNames:
+    """Every name derived from a run id: subjects, message ids, object keys and run files.
+
+    The run id is also the run files' timestamp (`YYYYMMDD_HHMMSS`, a suffix when two runs share
+    a second), so `report_<run_id>.json` keeps the original's file names.
+    """
+
+    run_id: str
+
+    # subjects and message ids (a message id makes JetStream drop a repeated publish)
+    @property
+    def progress_subject(self) -> str:
+        return f"{TRAINING_PROGRESS}.{self.run_id}"
+
+    @property
+    def lora_done_subject(self) -> str:
+        return f"{LORA_DONE}.{self.run_id}"
+
+    @property
+    def finished_msg_id(self) -> str:
+        return f"finished-{self.run_id}"
+
+    @property
+    def validated_msg_id(self) -> str:
+        return f"validated-{self.run_id}"
+
+    @property
+    def lora_job_msg_id(self) -> str:
+        return f"lora-{self.run_id}"
+
+    @property
+    def lora_done_msg_id(self) -> str:
+        return f"lora-done-{self.run_id}"
+
+    # object-store keys (the LoRA dataset and artifacts travel through the object store)
+    @property
+    def dataset_object(self) -> str:
+        return self.artifact_object("train_data.jsonl")
+
+    def artifact_object(self, filename: str) -> str:
+        return f"{self.run_id}/{filename}"
+
+    # run files under the training dir
+    @property
+    def dataset_file(self) -> str:
+        return f"train_data_{self.run_id}.jsonl"
+
+    @property
+    def modelfile_file(self) -> str:
+        return f"Modelfile_{self.run_id}"
+
+    @property
+    def report_json_file(self) -> str:
+        return f"report_{self.run_id}.json"
+
+    @property
+    def report_html_file(self) -> str:
+        return f"report_{self.run_id}.html"
+
+    def model_name(self, base_model: str) -> str:
+        """`qwen3:0.6b` → `mindx-qwen3-0.6b:20261126-120501` (a valid Ollama name)."""
+        stem = base_model.rsplit("/", 1)[-1]
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "model"
+        return f"mindx-{stem}:{self.run_id.replace('_', '-')}"
+
+
+REPORT_GLOB = "report_*.json"
 
 
 # --- streams --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 from services import generator as G
 from shared.backend import ChatMessage
 from shared.messages import Pair
+from shared.subjects import RunNames
 
 # --- a port of the Modelfile grammar ------------------------------------------------------------
 
@@ -317,7 +318,7 @@ def test_write_run_files(tmp_path: Path) -> None:
     records = G.dataset_records(ps, "sys")
     mf = G.render_modelfile("qwen3:0.6b", "sys", G.chat_messages(ps), {})
     out = tmp_path / "data" / "training"
-    files = G.write_run_files(out, "20250303_072252", records, mf)
+    files = G.write_run_files(out, RunNames("20250303_072252"), records, mf)
     assert files.dataset == out / "train_data_20250303_072252.jsonl"
     assert files.modelfile == out / "Modelfile_20250303_072252"
     for p in files:

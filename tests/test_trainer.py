@@ -11,7 +11,6 @@ import pytest
 
 from services import trainer as trainer_service
 from services.collector import pairs_from_point
-from services.trainer import few_shot_messages, new_model_name
 from shared import subjects
 from shared.bus import Bus
 from shared.corpus import Corpus
@@ -29,21 +28,6 @@ from shared.ollama import OllamaClient
 from shared.settings import Settings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def test_new_model_names_are_valid_ollama_names() -> None:
-    assert new_model_name("qwen3:0.6b", "20261126_120501") == "mindx-qwen3-0.6b:20261126-120501"
-    assert new_model_name("hf.co/org/Model Q4:latest", "20261126_120501").startswith(
-        "mindx-Model-Q4-latest:"
-    )
-
-
-def test_few_shot_messages_respect_the_budget_and_alternate() -> None:
-    pairs = [Pair(prompt=f"question {i}", completion="x" * 100, point_id=i) for i in range(80)]
-    msgs = few_shot_messages(pairs, 50, max_chars=1000)
-    assert [m.role for m in msgs[:4]] == ["user", "assistant", "user", "assistant"]
-    assert sum(len(m.content) for m in msgs) <= 1000
-    assert len(msgs) // 2 < 50  # the budget, not the count, stopped it
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the checkout")

@@ -1,98 +1,105 @@
-"""The trainer's side of LoRA mode: hand the job to a worker, then build the model it trained.
+"""Creating the personalized model on the backend, in either mode.
 
-The dataset and the artifacts travel through the JetStream object store, so a worker can run on
-any machine that reaches NATS (a GPU box). The served model is created from the adapter when the
-server can load it, else from the merged GGUF.
+- message: the base model plus a SYSTEM and baked few-shot messages (`/api/create`, seconds).
+- lora: a job on `lora.jobs` for any LoRA worker; the dataset and the artifacts travel through the
+  JetStream object store, so a worker can run on any machine that reaches NATS (a GPU box). The
+  served model is created from the GGUF adapter when the server can load it, else from the
+  merged GGUF.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared import subjects
-from shared.backend import ChatMessage, CreateProgress, CreateRequest, parse_parameters
-from shared.messages import LoraJob, LoraJobDone, TrainingProgress
+from services import generator
+from shared.backend import Backend, ChatMessage, CreateProgress, CreateRequest, parse_parameters
+from shared.bus import Expect
+from shared.messages import LoraJob, LoraJobDone
+from shared.settings import Settings
+from shared.subjects import LORA_JOBS, RunNames
 
 if TYPE_CHECKING:
-    from services.trainer import RunState, Trainer
+    from shared.bus import Bus
 
 log = logging.getLogger(__name__)
 
+StatusSink = Callable[[str], Awaitable[None]]  # one line of create progress, for the run's events
 
-def lora_hyperparams(settings: Any) -> dict[str, Any]:
-    return {
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "max_length": settings.max_length,
-        "rank": settings.lora_rank,
-        "alpha": settings.lora_alpha,
-        "target_modules": list(settings.target_modules),
-        "time_budget_s": settings.time_budget_s,
-        "seed": settings.seed,
-        "export": settings.export,
-    }
+LORA_EXPORT_SLACK_S = 1800  # beyond the training budget: export and uploads
+LORA_DEFAULT_BUDGET_S = 6 * 3600
 
 
-async def run_lora_job(trainer: Trainer, state: RunState, dataset: Path) -> LoraJobDone:
-    """Publish the job and wait for its `lora.done.<run_id>`, relaying the worker's progress."""
-    bus = trainer.bus
-    s = state.settings
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[LoraJobDone] = loop.create_future()
+def _on_progress(status: StatusSink) -> Callable[[CreateProgress], Awaitable[None]]:
+    async def relay(p: CreateProgress) -> None:
+        await status(p.status)
 
-    async def on_done(ev: LoraJobDone) -> None:
-        if ev.run_id == state.run_id and not done.done():
-            done.set_result(ev)
+    return relay
 
-    sub = await bus.subscribe(f"{subjects.LORA_DONE}.{state.run_id}", LoraJobDone, on_done)
-    try:
-        key = f"{state.run_id}/train_data.jsonl"
-        await bus.put_object(key, dataset)
-        await bus.publish(
-            subjects.LORA_JOBS,
-            LoraJob(
-                run_id=state.run_id,
-                dataset_object=key,
-                base_model=s.base_model,
-                base_weights=s.base_weights,
-                hyperparams=lora_hyperparams(s),
-            ),
-            msg_id=f"lora-{state.run_id}",
-        )
-        budget = (s.time_budget_s or 6 * 3600) + 1800  # training plus export and uploads
-        return await asyncio.wait_for(done, budget)
-    finally:
-        await sub.stop()
+
+async def create_message_model(
+    backend: Backend,
+    s: Settings,
+    new_model: str,
+    examples: list[ChatMessage],
+    status: StatusSink,
+) -> None:
+    await backend.create(
+        CreateRequest(
+            model=new_model,
+            from_=s.base_model,
+            system=generator.sanitize_text(s.system_prompt),
+            messages=examples,
+        ),
+        on_progress=_on_progress(status),
+    )
+
+
+async def run_lora_job(bus: Bus, s: Settings, names: RunNames, dataset: Path) -> LoraJobDone:
+    """Upload the dataset, publish the job and wait for the worker's `lora.done.<run_id>`."""
+    await bus.put_object(names.dataset_object, dataset)
+    job = LoraJob(
+        run_id=names.run_id,
+        dataset_object=names.dataset_object,
+        base_model=s.base_model,
+        base_weights=s.base_weights,
+        hyperparams=s.lora_hyperparams(),
+    )
+    done: LoraJobDone = await bus.publish_and_wait(
+        LORA_JOBS,
+        job,
+        msg_id=names.lora_job_msg_id,
+        expect=[Expect(names.lora_done_subject, LoraJobDone, lambda ev: ev.run_id == names.run_id)],
+        timeout=(s.time_budget_s or LORA_DEFAULT_BUDGET_S) + LORA_EXPORT_SLACK_S,
+    )
+    return done
 
 
 async def create_lora_model(
-    trainer: Trainer, state: RunState, new_model: str, dataset: Path
+    bus: Bus,
+    backend: Backend,
+    s: Settings,
+    names: RunNames,
+    new_model: str,
+    dataset: Path,
+    status: StatusSink,
 ) -> dict[str, Any]:
     """Train on a worker, fetch the artifacts, create the served model; returns the LoRA report."""
-    result = await run_lora_job(trainer, state, dataset)
+    result = await run_lora_job(bus, s, names, dataset)
     if not result.ok:
         raise RuntimeError(f"LoRA job failed on {result.worker or 'a worker'}: {result.error}")
-    bus, backend = trainer.bus, trainer.backend
-    s = state.settings
-    workdir = Path(tempfile.mkdtemp(prefix=f"mindx-lora-{state.run_id}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"mindx-lora-{names.run_id}-"))
     files: dict[str, Path] = {}
     for kind, key in result.artifacts.items():
         files[kind] = await bus.get_object(key, workdir / Path(key).name)
     metrics = dict(result.metrics)
     if "metrics" in files:
         metrics.update(json.loads(files["metrics"].read_text()))
-
-    async def on_line(p: CreateProgress) -> None:
-        await bus.publish(
-            subjects.progress_subject(state.run_id),
-            TrainingProgress(run_id=state.run_id, stage="create", message=p.status),
-        )
+    on_line = _on_progress(status)
 
     used = None
     if "adapter" in files and s.export in ("auto", "adapter"):

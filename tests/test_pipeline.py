@@ -1,0 +1,187 @@
+"""The run's decisions without a bus: corpus to dataset, split, gate, outcome."""
+
+from __future__ import annotations
+
+import pytest
+
+from services import pipeline
+from services.scoring import normalize_prompt
+from shared.messages import Pair, TrainingRequested, ValidationResult
+from shared.settings import Settings, SettingsError
+from shared.subjects import RunNames
+
+
+def settings(**changes: object) -> Settings:
+    return Settings.load({k: v for k, v in changes.items()}, env={})
+
+
+def pairs(n: int, *, prompts: int | None = None) -> list[Pair]:
+    prompts = prompts or n
+    return [
+        Pair(prompt=f"question {i % prompts}", completion=f"answer number {i}", point_id=i)
+        for i in range(n)
+    ]
+
+
+def results(model: str, scores: list[float | None]) -> list[ValidationResult]:
+    return [
+        ValidationResult(
+            run_id="r",
+            case_id=i,
+            model=model,
+            answer="" if s is None else f"answer {i}",
+            score=s,
+            error="boom" if s is None else None,
+        )
+        for i, s in enumerate(scores)
+    ]
+
+
+# --- the request ------------------------------------------------------------------------------
+
+
+def test_a_request_overrides_only_what_it_names() -> None:
+    base = settings(backend="local", min_corpus=50)
+    s = pipeline.run_settings(base, TrainingRequested(mode="lora", min_corpus=10))
+    assert (s.mode, s.min_corpus, s.base_model) == ("lora", 10, "smollm2:135m")
+    s = pipeline.run_settings(base, TrainingRequested(base_model="qwen3:0.6b"))
+    assert (s.mode, s.min_corpus, s.base_model) == ("message", 50, "qwen3:0.6b")
+
+
+@pytest.mark.parametrize("min_corpus", [0, -5])
+def test_a_request_with_an_impossible_value_is_refused(min_corpus: int) -> None:
+    with pytest.raises(SettingsError, match="min_corpus"):
+        pipeline.run_settings(settings(), TrainingRequested(min_corpus=min_corpus))
+
+
+# --- enough data ------------------------------------------------------------------------------
+
+
+def test_too_few_pairs_skip_the_run_unless_forced() -> None:
+    s = settings(min_corpus=50)
+    with pytest.raises(pipeline.RunSkipped, match="49 pairs since the last run"):
+        pipeline.check_collected(pairs(49), s, force=False)
+    pipeline.check_collected(pairs(49), s, force=True)
+    pipeline.check_collected(pairs(50), s, force=False)
+
+
+def test_the_filtered_set_needs_half_of_min_corpus() -> None:
+    s = settings(min_corpus=50)
+    with pytest.raises(pipeline.RunSkipped, match="24 pairs left after filtering"):
+        pipeline.check_filtered(pairs(24), s, force=False)
+    pipeline.check_filtered(pairs(25), s, force=False)
+    pipeline.check_filtered(pairs(1), s, force=True)
+
+
+# --- split ------------------------------------------------------------------------------------
+
+
+def test_the_split_is_disjoint_by_prompt_and_counted() -> None:
+    kept = pairs(120, prompts=60)  # every prompt twice
+    split = pipeline.split(kept, settings(held_out=10))
+    held = {normalize_prompt(p.prompt) for p in split.held_out}
+    assert len(split.held_out) == 10
+    assert not held & {normalize_prompt(p.prompt) for p in split.train}
+    assert split.stage.stage == "split"
+    assert split.stage.count_in == 120 and split.stage.count_out == len(split.train) == 100
+    assert split.stage.dropped == {"held_out": 10, "same_prompt_as_held_out": 10}
+
+
+def test_one_distinct_prompt_cannot_be_split() -> None:
+    with pytest.raises(pipeline.RunSkipped, match="too few distinct prompts"):
+        pipeline.split(pairs(30, prompts=1), settings())
+
+
+def test_few_shot_messages_respect_the_budget_and_alternate() -> None:
+    ps = [Pair(prompt=f"question {i}", completion="x" * 100, point_id=i) for i in range(80)]
+    msgs = pipeline.few_shot_messages(ps, 50, max_chars=1000)
+    assert [m.role for m in msgs[:4]] == ["user", "assistant", "user", "assistant"]
+    assert sum(len(m.content) for m in msgs) <= 1000
+    assert len(msgs) // 2 < 50  # the budget, not the count, stopped it
+
+
+# --- validation cases -------------------------------------------------------------------------
+
+
+def test_cases_send_no_system_message_unless_configured() -> None:
+    held = pairs(3)
+    cases = pipeline.validation_cases("r1", "m", held, settings())
+    assert [c.case_id for c in cases] == [0, 1, 2]
+    assert all(c.system is None and c.model == "m" and c.run_id == "r1" for c in cases)
+    assert [c.expected for c in cases] == [p.completion for p in held]
+    assert "num_predict" not in cases[0].options
+    local = pipeline.validation_cases("r1", "m", held, settings(backend="local", seed=7))
+    assert local[0].options == {"temperature": 0.0, "seed": 7, "num_predict": 96}
+    sys = pipeline.validation_cases("r1", "m", held, settings(validation_system="be brief"))
+    assert sys[0].system == "be brief"
+
+
+# --- the gate ---------------------------------------------------------------------------------
+
+
+def test_a_clearly_better_model_is_promoted() -> None:
+    held = pairs(20)
+    base = results("base", [0.50 + 0.01 * (i % 3) for i in range(20)])
+    new = results("new", [0.70 + 0.01 * (i % 3) for i in range(20)])
+    verdict = pipeline.judge(held, base, new, settings())
+    assert verdict.decision.improved and not verdict.decision.failed
+    assert verdict.status == "success"
+    assert verdict.comparison.mean_diff == pytest.approx(0.2)
+    assert [c.case_id for c in verdict.cases] == list(range(20))
+    assert verdict.cases[0].prompt == held[0].prompt and verdict.cases[0].new_score == 0.70
+
+
+def test_a_model_no_better_than_the_base_is_kept_out() -> None:
+    held = pairs(20)
+    scores = [0.5 + 0.02 * (i % 5) for i in range(20)]
+    verdict = pipeline.judge(held, results("b", scores), results("n", scores[::-1]), settings())
+    assert not verdict.decision.improved and not verdict.decision.failed
+    assert verdict.status == "completed_no_improvement"
+
+
+def test_too_many_scoring_errors_fail_the_validation() -> None:
+    held = pairs(8)
+    new: list[float | None] = [None] * 3 + [0.9] * 5
+    verdict = pipeline.judge(held, results("b", [0.5] * 8), results("n", new), settings())
+    assert verdict.decision.failed and "3 of 8" in verdict.decision.reason
+    assert verdict.cases[0].new_error == "boom" and verdict.cases[0].new_score is None
+
+
+def test_the_validated_event_carries_the_decision() -> None:
+    held = pairs(20)
+    s = settings(model="qwen3:0.6b", mode="message")
+    verdict = pipeline.judge(
+        held, results("b", [0.5] * 10 + [0.6] * 10), results("n", [0.8] * 20), s
+    )
+    names = RunNames("20261129_120000")
+    ev = pipeline.validated_event(
+        names.run_id,
+        s,
+        names.model_name(s.base_model),
+        verdict,
+        report_path="/r.json",
+        request_id="q",
+    )
+    assert ev.new_model == "mindx-qwen3-0.6b:20261129-120000" and ev.base_model == "qwen3:0.6b"
+    assert ev.improved and ev.cases == 20 and ev.request_id == "q"
+    assert ev.new_score == pytest.approx(0.8) and ev.base_score == pytest.approx(0.55)
+    assert ev.reason == verdict.decision.reason
+
+
+# --- names derived from a run id --------------------------------------------------------------
+
+
+def test_every_name_of_a_run_derives_from_its_id() -> None:
+    n = RunNames("20261126_120501")
+    assert n.model_name("qwen3:0.6b") == "mindx-qwen3-0.6b:20261126-120501"
+    assert n.model_name("hf.co/org/Model Q4:latest").startswith("mindx-Model-Q4-latest:")
+    assert (n.report_json_file, n.report_html_file) == (
+        "report_20261126_120501.json",
+        "report_20261126_120501.html",
+    )
+    assert n.dataset_file == "train_data_20261126_120501.jsonl"
+    assert n.modelfile_file == "Modelfile_20261126_120501"
+    assert n.progress_subject == "training.progress.20261126_120501"
+    assert n.lora_done_subject == "lora.done.20261126_120501"
+    assert n.dataset_object == "20261126_120501/train_data.jsonl"
+    assert len({n.finished_msg_id, n.validated_msg_id, n.lora_job_msg_id}) == 3
