@@ -26,23 +26,19 @@ import numpy as np
 from services import generator, scoring
 from services.filter import run_filter
 from services.memory_adapter import load_watermark, save_watermark
-from services.report import (
-    CaseResult,
-    FunnelStage,
-    RunReport,
-    apply_comparison,
-    read_report,
-    write_report,
-)
+from services.report import apply_comparison, read_report, write_report
 from services.validator import score_case, validate_cases
 from shared import subjects
 from shared.backend import Backend, ChatMessage, CreateProgress, CreateRequest
 from shared.files import atomic_write, timestamp
 from shared.messages import (
+    CaseResult,
+    FunnelStage,
     ModelUpdated,
     ModelUpdateFailed,
     ModelValidated,
     Pair,
+    RunReport,
     TrainingFinished,
     TrainingProgress,
     TrainingRequested,
@@ -310,15 +306,7 @@ class Trainer:
                 await self._progress(state, "filter", done, total, "embedding pairs")
 
             result = await run_filter(pairs, s, ChunkedEmbedder(self.embedder, embedded))
-        state.funnel += [
-            FunnelStage(
-                stage=st.stage,
-                count_in=st.count_in,
-                count_out=st.count_out,
-                dropped=dict(st.dropped),
-            )
-            for st in result.stages
-        ]
+        state.funnel += result.stages
         kept = result.kept
         report.filtered_pairs = len(kept)
         await self._progress(state, "filter", len(pairs), len(pairs), f"{len(kept)} pairs kept")
