@@ -200,9 +200,9 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     if not args.run_once:
         return await _serve(settings, ["trainer"])
 
-    from services.report import summary_text
+    from services.report_render import summary_text
     from shared import subjects
-    from shared.messages import TrainingFinished, TrainingProgress, TrainingRequested
+    from shared.messages import RunReport, TrainingFinished, TrainingProgress, TrainingRequested
 
     async with connect(settings) as bus, app.resources(settings) as res:
         await _check_backend(res)
@@ -262,8 +262,6 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
                 await sub.stop()
         finally:
             await app.stop(services)
-
-    from services.report import RunReport
 
     report = msgspec.convert(result.report, RunReport)
     if args.json:
@@ -408,7 +406,8 @@ async def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
-    from services.report import find_report, read_report, summary_text
+    from services.report import find_report, read_report
+    from services.report_render import summary_text
 
     path = find_report(settings.training_path, args.run_id)
     report = read_report(path)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import msgspec
 import numpy as np
 
-from shared.messages import Pair
+from shared.messages import FunnelStage, Pair
 from shared.settings import Settings
 
 
@@ -41,17 +41,10 @@ class SupportsEmbed(Protocol):
     async def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
-class StageCount(msgspec.Struct, kw_only=True):
-    stage: str
-    count_in: int
-    count_out: int
-    dropped: dict[str, int] = {}
-    changed: int = 0  # pairs modified but kept (truncation)
-
-
 class FilterResult(msgspec.Struct, kw_only=True):
     kept: list[Pair]
-    stages: list[StageCount]
+    stages: list[FunnelStage]
+    truncated: int = 0  # pairs cut to max_chars but kept
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -477,7 +470,7 @@ def truncate_pair(pair: Pair, max_chars: int) -> Pair:
 
 def _drop_stage(
     name: str, pairs: Iterable[Pair], reason: Callable[[Pair], str | None]
-) -> tuple[list[Pair], StageCount]:
+) -> tuple[list[Pair], FunnelStage]:
     kept: list[Pair] = []
     dropped: Counter[str] = Counter()
     n = 0
@@ -488,12 +481,12 @@ def _drop_stage(
             kept.append(p)
         else:
             dropped[r] += 1
-    return kept, StageCount(stage=name, count_in=n, count_out=len(kept), dropped=dict(dropped))
+    return kept, FunnelStage(stage=name, count_in=n, count_out=len(kept), dropped=dict(dropped))
 
 
-def filter_sync(pairs: Sequence[Pair], cfg: FilterConfig) -> tuple[list[Pair], list[StageCount]]:
+def filter_sync(pairs: Sequence[Pair], cfg: FilterConfig) -> tuple[list[Pair], list[FunnelStage]]:
     """Stages 1–3 (no embeddings)."""
-    stages: list[StageCount] = []
+    stages: list[FunnelStage] = []
     kept, st = _drop_stage("low_value", pairs, lambda p: low_value_reason(p, cfg))
     stages.append(st)
     kept, st = _drop_stage("sensitive", kept, sensitive_reason)
@@ -501,7 +494,7 @@ def filter_sync(pairs: Sequence[Pair], cfg: FilterConfig) -> tuple[list[Pair], l
     n_in = len(kept)
     kept, n = dedupe_exact(kept)
     stages.append(
-        StageCount(
+        FunnelStage(
             stage="exact_dedupe",
             count_in=n_in,
             count_out=len(kept),
@@ -528,7 +521,7 @@ async def run_filter(
     else:
         n = 0
     stages.append(
-        StageCount(
+        FunnelStage(
             stage="near_dedupe",
             count_in=n_in,
             count_out=len(kept),
@@ -539,7 +532,7 @@ async def run_filter(
     n_in = len(kept)
     kept, n = cap_by_quality(kept, cfg.max_pairs)
     stages.append(
-        StageCount(
+        FunnelStage(
             stage="quality_cap",
             count_in=n_in,
             count_out=len(kept),
@@ -547,9 +540,7 @@ async def run_filter(
         )
     )
 
-    truncated = [truncate_pair(p, cfg.max_chars) for p in kept]
-    changed = sum(1 for a, b in zip(kept, truncated, strict=True) if a is not b)
-    stages.append(
-        StageCount(stage="truncate", count_in=len(kept), count_out=len(kept), changed=changed)
-    )
-    return FilterResult(kept=truncated, stages=stages)
+    cut = [truncate_pair(p, cfg.max_chars) for p in kept]
+    truncated = sum(1 for a, b in zip(kept, cut, strict=True) if a is not b)
+    stages.append(FunnelStage(stage="truncate", count_in=len(kept), count_out=len(kept)))
+    return FilterResult(kept=cut, stages=stages, truncated=truncated)

@@ -201,8 +201,14 @@ class Decision:
     max_error_rate: float
 
 
-def _signed(x: float) -> str:
-    return f"{x:+.3f}"
+def num(x: float | None, fmt: str = ".3f") -> str:
+    """A number for people; "—" where it was not measured (None, NaN, inf)."""
+    return "—" if x is None or not math.isfinite(x) else format(x, fmt)
+
+
+def signed(x: float | None) -> str:
+    """A score difference: always with its sign, three decimals."""
+    return num(x, "+.3f")
 
 
 def decide(
@@ -242,8 +248,8 @@ def decide(
             rate,
         )
     head = (
-        f"new model scores {_signed(cmp.mean_diff)} ({pct} CI {_signed(cmp.ci_low)}…"
-        f"{_signed(cmp.ci_high)}) over base on {cmp.n_paired} held-out cases{errors}; "
+        f"new model scores {signed(cmp.mean_diff)} ({pct} CI {signed(cmp.ci_low)}…"
+        f"{signed(cmp.ci_high)}) over base on {cmp.n_paired} held-out cases{errors}; "
     )
     if cmp.ci_low > min_effect:
         return result(

@@ -189,6 +189,84 @@ class LoraJobDone(Payload, kw_only=True, frozen=True):
     worker: str = ""
 
 
+# --- run report (the report of TrainingFinished; report_<ts>.json) -------------------------------
+
+
+class FunnelStage(msgspec.Struct, kw_only=True):
+    """One step of the pair funnel: collected → each filter → train / held-out."""
+
+    stage: str
+    count_in: int
+    count_out: int
+    dropped: dict[str, int] = {}  # reason → pairs dropped for it
+
+
+class CaseResult(msgspec.Struct, kw_only=True):
+    """One held-out case, scored on both models. None score = that side errored."""
+
+    case_id: int
+    prompt: str
+    expected: str
+    base_answer: str = ""
+    new_answer: str = ""
+    base_score: float | None = None
+    new_score: float | None = None
+    base_error: str | None = None
+    new_error: str | None = None
+    topic: str = ""
+
+
+def _no_errors() -> dict[str, int]:
+    return {"base": 0, "new": 0}
+
+
+class RunReport(msgspec.Struct, kw_only=True):
+    """One training run. Everything has a default so skipped/failed runs need few fields.
+
+    Scores are `None` where they were not measured (JSON null), never a made-up 0.
+    `lora` holds, when the run was a LoRA run: loss_curve [[step, loss], …], tokens_per_s,
+    steps, elapsed_s, peak_memory_mb, exports [kind, …].
+    """
+
+    # the original's fields
+    training_id: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    base_model: str = ""
+    new_model: str = ""
+    total_pairs: int = 0
+    filtered_pairs: int = 0
+    training_pairs: int = 0
+    training_time: float = 0.0  # seconds
+    base_score: float | None = None
+    validation_score: float | None = None  # the new model's score
+    improved: bool = False
+    status: RunStatus = "skipped"
+    error: str = ""
+    # added so a person can trust the decision
+    run_id: str = ""
+    request_id: str | None = None
+    mode: str = "message"
+    backend: str = ""
+    held_out_cases: int = 0
+    threshold: float | None = None
+    base_accuracy: float | None = None
+    new_accuracy: float | None = None
+    score_diff: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    confidence: float | None = None
+    min_effect: float | None = None
+    decision_reason: str = ""
+    errors: dict[str, int] = msgspec.field(default_factory=_no_errors)
+    funnel: list[FunnelStage] = []
+    timings: dict[str, float] = {}  # stage → seconds
+    cases: list[CaseResult] = []
+    artifacts: dict[str, str] = {}  # dataset, modelfile, report_json, report_html, …
+    config: dict[str, Any] = {}  # path, backup_path
+    lora: dict[str, Any] | None = None
+
+
 # --- dead letters -------------------------------------------------------------------------------
 
 

@@ -12,19 +12,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from services.report import (
-    CaseResult,
-    FunnelStage,
-    ReportNotFound,
-    RunReport,
-    apply_comparison,
-    find_report,
-    read_report,
-    render_html,
-    summary_text,
-    write_report,
-)
+from services.report import ReportNotFound, apply_comparison, find_report, read_report, write_report
+from services.report_render import render_html, summary_text
 from services.scoring import compare, decide
+from shared.messages import CaseResult, FunnelStage, RunReport
 
 EVIL = '<script>alert("x")</script>'
 
