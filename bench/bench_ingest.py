@@ -84,7 +84,7 @@ async def collector_ingest(url: str, n: int, payloads: Sequence[bytes]) -> float
         try:
             await fresh_memory_stream(bus, unique_points(payloads, n))
             settings = Settings.load({"data_dir": data}, env={})
-            with Corpus.open(settings.data_path / "corpus.sqlite3") as corpus:
+            with Corpus.open(settings.corpus_path) as corpus:
                 stored = 0
                 finished = asyncio.Event()
 

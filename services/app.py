@@ -6,16 +6,38 @@ Every component is an independent consumer; one process may serve any subset of 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from shared import subjects
 from shared.backend import Backend, open_backend
+from shared.bus import Expect
+from shared.messages import (
+    DeadLetter,
+    ModelUpdated,
+    ModelUpdateFailed,
+    RollbackRequested,
+    TrainingFinished,
+    TrainingProgress,
+    TrainingRequested,
+)
 from shared.settings import Settings
 
+if TYPE_CHECKING:
+    from shared.bus import Bus
+
 log = logging.getLogger(__name__)
+
+IMPORT_WAIT_S = 600  # until the collector has stored every imported point
+ROLLBACK_WAIT_S = 30
+
 
 @dataclass
 class Resources:
@@ -45,7 +67,7 @@ class Resources:
         if self._corpus is None:
             from shared.corpus import Corpus
 
-            self._corpus = Corpus.open(self.settings.data_path / "corpus.sqlite3")
+            self._corpus = Corpus.open(self.settings.corpus_path)
             self.stack.callback(self._corpus.close)
         return self._corpus
 
@@ -122,3 +144,191 @@ async def stop(services: list[Any]) -> None:
     for svc in reversed(services):
         with contextlib.suppress(Exception):
             await svc.stop()
+
+
+# --- what the commands do: each a library call the CLI renders ---------------------------------
+
+
+class UserFacingError(Exception):
+    """An expected failure the user can fix (a missing file, an unreachable server): one line."""
+
+
+@contextlib.asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[Bus]:
+    """The bus: the configured NATS, else an embedded server stored under the data dir."""
+    from shared.bus import Bus
+    from shared.nats_server import ensure_nats
+
+    async with ensure_nats(settings.nats, settings.data_path / "nats") as url:
+        bus = await Bus.connect(url)
+        try:
+            yield bus
+        finally:
+            await bus.close()
+
+
+async def check_backend(res: Resources) -> None:
+    backend = await res.backend()
+    try:
+        await backend.version()
+    except Exception as exc:
+        s = res.settings
+        where = s.ollama if s.backend == "ollama" else "local runtime"
+        raise UserFacingError(
+            f"cannot reach the {s.backend} backend at {where}: {exc} "
+            "(start Ollama, or use --backend local)"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class Imported:
+    published: int
+    errors: list[str]  # `file:line: reason` of each skipped record
+    files: int
+
+
+async def publish_memory(bus: Bus, files: Sequence[Path]) -> Imported:
+    """Publish every readable point of `files` on `memory.point.created`.
+
+    The message id is the point's id and version, so JetStream drops a repeated import.
+    """
+    from services.memory_adapter import read_memory_file
+
+    published, errors = 0, []
+    for f in files:
+        if not f.exists():
+            raise UserFacingError(f"no such file: {f}")
+        points, errs = read_memory_file(f)
+        errors += errs
+        for p in points:
+            await bus.publish(subjects.MEMORY_POINT_CREATED, p, msg_id=subjects.point_msg_id(p))
+            published += 1
+    return Imported(published=published, errors=errors, files=len(files))
+
+
+async def import_memory(settings: Settings, files: Sequence[Path]) -> Imported:
+    """Publish the files' points and wait until the collector has stored them."""
+    async with connect(settings) as bus, resources(settings) as res:
+        services = await start(bus, res, ["collector"])
+        try:
+            imported = await publish_memory(bus, files)
+            await bus.wait_idle(subjects.COLLECTOR, timeout=IMPORT_WAIT_S)
+        finally:
+            await stop(services)
+    return imported
+
+
+async def serve_until(
+    settings: Settings,
+    names: Sequence[str],
+    stopped: asyncio.Event,
+    *,
+    ready: Callable[[str], None],
+) -> None:
+    """Serve the named components (or `all`) until `stopped` is set."""
+    names = list(ALL) if list(names) == ["all"] else list(names)
+    async with connect(settings) as bus, resources(settings) as res:
+        services = await start(bus, res, names)
+        ready(f"serving {', '.join(names)} on {bus.url}")
+        try:
+            await stopped.wait()
+        finally:
+            await stop(services)
+
+
+async def train_once(
+    settings: Settings,
+    *,
+    force: bool = False,
+    since: datetime | None = None,
+    on_import: Callable[[Imported], None] | None = None,
+    on_progress: Callable[[TrainingProgress], Awaitable[None]] | None = None,
+) -> TrainingFinished:
+    """One run through the bus, with every component in this process: import the memory dir,
+    request a run, and return its `training.completed` / `training.failed`."""
+    from services.memory_adapter import memory_files
+
+    async with connect(settings) as bus, resources(settings) as res:
+        await check_backend(res)
+        names = [*ALL, *(["lora-worker"] if settings.mode == "lora" else [])]
+        services = await start(bus, res, names)
+        try:
+            files = memory_files(settings.memory_path)
+            if files:
+                imported = await publish_memory(bus, files)
+                await bus.wait_idle(subjects.COLLECTOR, timeout=IMPORT_WAIT_S)
+                if on_import is not None:
+                    on_import(imported)
+            progress = None
+            if on_progress is not None:
+                progress = await bus.subscribe(
+                    f"{subjects.TRAINING_PROGRESS}.*", TrainingProgress, on_progress
+                )
+            request_id = uuid.uuid4().hex
+
+            def ours(ev: TrainingFinished) -> bool:
+                return ev.request_id == request_id
+
+            try:
+                finished: TrainingFinished = await bus.publish_and_wait(
+                    subjects.TRAINING_REQUESTED,
+                    TrainingRequested(
+                        request_id=request_id,
+                        mode=settings.mode,
+                        base_model=settings.base_model,
+                        min_corpus=settings.min_corpus,
+                        force=force,
+                        since=since,
+                    ),
+                    msg_id=request_id,
+                    expect=[
+                        Expect(subjects.TRAINING_COMPLETED, TrainingFinished, ours),
+                        Expect(subjects.TRAINING_FAILED, TrainingFinished, ours),
+                    ],
+                    timeout=None,
+                )
+            finally:
+                if progress is not None:
+                    await progress.stop()
+        finally:
+            await stop(services)
+    return finished
+
+
+async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
+    """Ask the config updater to restore `backup` (default: the newest) and wait for it."""
+    async with connect(settings) as bus, resources(settings) as res:
+        services = await start(bus, res, ["config-updater"])
+        try:
+            request_id = uuid.uuid4().hex
+            try:
+                outcome = await bus.publish_and_wait(
+                    subjects.MODEL_ROLLBACK_REQUESTED,
+                    RollbackRequested(request_id=request_id, backup=backup),
+                    msg_id=request_id,
+                    expect=[
+                        Expect(
+                            subjects.MODEL_UPDATED,
+                            ModelUpdated,
+                            lambda ev: ev.rolled_back and ev.run_id == request_id,
+                        ),
+                        Expect(
+                            subjects.MODEL_UPDATE_FAILED,
+                            ModelUpdateFailed,
+                            lambda ev: ev.run_id == request_id,
+                        ),
+                    ],
+                    timeout=ROLLBACK_WAIT_S,
+                )
+            except TimeoutError as exc:
+                raise UserFacingError("rollback: no answer from the config updater") from exc
+        finally:
+            await stop(services)
+    if isinstance(outcome, ModelUpdateFailed):
+        raise UserFacingError(f"rollback failed: {outcome.error}")
+    return outcome
+
+
+async def dead_letters(settings: Settings) -> list[DeadLetter]:
+    async with connect(settings) as bus:
+        return await bus.dead_letters()

@@ -16,13 +16,16 @@ import os
 import signal
 import sys
 import threading
-import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from services import app
+from services.app import UserFacingError
+from shared.messages import RunReport, TrainingProgress
 from shared.settings import Settings
 
 log = logging.getLogger("mindx")
@@ -130,142 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- shared plumbing ----------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def connect(settings: Settings) -> AsyncIterator[Any]:
-    """The bus: the configured NATS, else an embedded server stored under the data dir."""
-    from shared.bus import Bus
-    from shared.nats_server import ensure_nats
-
-    async with ensure_nats(settings.nats, settings.data_path / "nats") as url:
-        bus = await Bus.connect(url)
-        try:
-            yield bus
-        finally:
-            await bus.close()
-
-
-async def _check_backend(res: Any) -> None:
-    backend = await res.backend()
-    try:
-        await backend.version()
-    except Exception as exc:
-        where = res.settings.ollama if res.settings.backend == "ollama" else "local runtime"
-        raise UserFacingError(
-            f"cannot reach the {res.settings.backend} backend at {where}: {exc} "
-            "(start Ollama, or use --backend local)"
-        ) from exc
-
-
-class UserFacingError(Exception):
-    """An expected failure: printed as one line."""
-
-
-async def import_memory(bus: Any, files: list[Path]) -> tuple[int, list[str]]:
-    """Publish every readable point; returns (published, errors).
-
-    The message id is the point id and version, so JetStream drops a repeated import.
-    """
-    from services.memory_adapter import read_memory_file
-    from shared import subjects
-
-    published, errors = 0, []
-    for f in files:
-        if not f.exists():
-            raise UserFacingError(f"no such file: {f}")
-        points, errs = read_memory_file(f)
-        errors += errs
-        for p in points:
-            version = (
-                (p.updated_at or p.created_at).isoformat() if (p.updated_at or p.created_at) else ""
-            )
-            await bus.publish(subjects.MEMORY_POINT_CREATED, p, msg_id=f"point-{p.id}-{version}")
-            published += 1
-    return published, errors
-
-
-def memory_files(settings: Settings) -> list[Path]:
-    d = settings.memory_path
-    return sorted([*d.glob("*.jsonl"), *d.glob("*.json")]) if d.is_dir() else []
-
-
-# --- commands -----------------------------------------------------------------------------------
+# --- commands: each one library call (services.app) and its rendering ----------------------------
 
 
 async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    from services import app
+    from services.report_render import summary_text
 
     if not args.run_once:
         return await _serve(settings, ["trainer"])
 
-    from services.report_render import summary_text
-    from shared import subjects
-    from shared.messages import RunReport, TrainingFinished, TrainingProgress, TrainingRequested
-
-    async with connect(settings) as bus, app.resources(settings) as res:
-        await _check_backend(res)
-        services = await app.start(
-            bus, res, [*app.ALL, *(["lora-worker"] if settings.mode == "lora" else [])]
+    def imported(result: app.Imported) -> None:
+        for e in result.errors:
+            print(f"skipped: {e}", file=sys.stderr)
+        print(
+            f"imported {result.published} memory points from {result.files} file(s)",
+            file=sys.stderr,
         )
-        try:
-            files = memory_files(settings)
-            if files:
-                n, errors = await import_memory(bus, files)
-                for e in errors:
-                    print(f"skipped: {e}", file=sys.stderr)
-                from shared.subjects import COLLECTOR
 
-                await bus.wait_idle(COLLECTOR, timeout=600)
-                print(f"imported {n} memory points from {len(files)} file(s)", file=sys.stderr)
+    bars = ProgressBars(enabled=not args.json)
 
-            request_id = uuid.uuid4().hex
-            loop = asyncio.get_running_loop()
-            finished: asyncio.Future[TrainingFinished] = loop.create_future()
-            bars = ProgressBars(enabled=not args.json)
+    async def progress(ev: TrainingProgress) -> None:
+        bars.update(ev)
 
-            async def on_finished(ev: TrainingFinished) -> None:
-                if ev.request_id == request_id and not finished.done():
-                    finished.set_result(ev)
-
-            async def on_progress(ev: TrainingProgress) -> None:
-                bars.update(ev)
-
-            subs = [
-                await bus.subscribe(subjects.TRAINING_COMPLETED, TrainingFinished, on_finished),
-                await bus.subscribe(subjects.TRAINING_FAILED, TrainingFinished, on_finished),
-                await bus.subscribe(
-                    f"{subjects.TRAINING_PROGRESS}.*", TrainingProgress, on_progress
-                ),
-            ]
-            since = None
-            if args.since:
-                from datetime import datetime
-
-                since = datetime.fromisoformat(args.since)
-            await bus.publish(
-                subjects.TRAINING_REQUESTED,
-                TrainingRequested(
-                    request_id=request_id,
-                    mode=settings.mode,
-                    base_model=settings.base_model,
-                    min_corpus=settings.min_corpus,
-                    force=bool(args.force),
-                    since=since,
-                ),
-                msg_id=request_id,
-            )
-            result = await finished
-            bars.close()
-            for sub in subs:
-                await sub.stop()
-        finally:
-            await app.stop(services)
-
-    report = msgspec.convert(result.report, RunReport)
+    since = datetime.fromisoformat(args.since) if args.since else None
+    try:
+        finished = await app.train_once(
+            settings, force=bool(args.force), since=since, on_import=imported, on_progress=progress
+        )
+    finally:
+        bars.close()
+    report = msgspec.convert(finished.report, RunReport)
     if args.json:
-        print(json.dumps(result.report, ensure_ascii=False, indent=2))
+        print(json.dumps(finished.report, ensure_ascii=False, indent=2))
     else:
         html = report.artifacts.get("report_html", "")
         print(summary_text(report, Path(html) if html else None))
@@ -273,24 +172,12 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Settings, names: list[str]) -> int:
-    import signal
-
-    from services import app
-
-    if names == ["all"]:
-        names = list(app.ALL)
-    stop = asyncio.Event()
+    stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    async with connect(settings) as bus, app.resources(settings) as res:
-        services = await app.start(bus, res, names)
-        print(f"serving {', '.join(names)} on {bus.url}", file=sys.stderr)
-        try:
-            await stop.wait()
-        finally:
-            await app.stop(services)
+            loop.add_signal_handler(sig, stopped.set)
+    await app.serve_until(settings, names, stopped, ready=lambda line: print(line, file=sys.stderr))
     return EXIT_OK
 
 
@@ -299,19 +186,10 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_memory_import(settings: Settings, args: argparse.Namespace) -> int:
-    from services import app
-    from shared.subjects import COLLECTOR
-
-    async with connect(settings) as bus, app.resources(settings) as res:
-        services = await app.start(bus, res, ["collector"])
-        try:
-            n, errors = await import_memory(bus, args.files)
-            await bus.wait_idle(COLLECTOR, timeout=600)
-        finally:
-            await app.stop(services)
-    for e in errors:
+    result = await app.import_memory(settings, args.files)
+    for e in result.errors:
         print(f"skipped: {e}", file=sys.stderr)
-    print(f"imported {n} memory points ({len(errors)} skipped)")
+    print(f"imported {result.published} memory points ({len(result.errors)} skipped)")
     return EXIT_OK
 
 
@@ -319,7 +197,7 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
     from services.memory_adapter import load_watermark
     from shared.corpus import Corpus
 
-    with Corpus.open(settings.data_path / "corpus.sqlite3") as corpus:
+    with Corpus.open(settings.corpus_path) as corpus:
         stats = corpus.stats(load_watermark(settings.watermark_path))
     if args.json:
         print(json.dumps(stats))
@@ -332,44 +210,7 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
-    from services import app
-    from shared import subjects
-    from shared.messages import ModelUpdated, ModelUpdateFailed, RollbackRequested
-
-    async with connect(settings) as bus, app.resources(settings) as res:
-        services = await app.start(bus, res, ["config-updater"])
-        try:
-            request_id = uuid.uuid4().hex
-            done: asyncio.Future[ModelUpdated | str] = asyncio.get_running_loop().create_future()
-
-            async def on_updated(ev: ModelUpdated) -> None:
-                if ev.rolled_back and ev.run_id == request_id and not done.done():
-                    done.set_result(ev)
-
-            async def on_failed(ev: ModelUpdateFailed) -> None:
-                if ev.run_id == request_id and not done.done():
-                    done.set_result(ev.error)
-
-            subs = [
-                await bus.subscribe(subjects.MODEL_UPDATED, ModelUpdated, on_updated),
-                await bus.subscribe(subjects.MODEL_UPDATE_FAILED, ModelUpdateFailed, on_failed),
-            ]
-            await bus.publish(
-                subjects.MODEL_ROLLBACK_REQUESTED,
-                RollbackRequested(request_id=request_id, backup=args.to),
-                msg_id=request_id,
-            )
-            try:
-                outcome = await asyncio.wait_for(done, 30)
-            except TimeoutError as exc:
-                raise UserFacingError("rollback: no answer from the config updater") from exc
-            finally:
-                for sub in subs:
-                    await sub.stop()
-        finally:
-            await app.stop(services)
-    if isinstance(outcome, str):
-        raise UserFacingError(f"rollback failed: {outcome}")
+    outcome = await app.rollback(settings, args.to)
     print(
         f"left brain: {outcome.previous_model} -> {outcome.model} "
         f"(restored {outcome.restored_from}; the replaced config is saved as {outcome.backup_path})"
@@ -389,8 +230,7 @@ async def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    async with connect(settings) as bus:
-        letters = await bus.dead_letters()
+    letters = await app.dead_letters(settings)
     rows = [
         {"subject": d.subject, "error": d.error, "data": d.data, "at": d.at.isoformat()}
         for d in letters

@@ -224,7 +224,7 @@ async def serve(bus: Bus, settings: Settings, corpus: Corpus | None = None) -> C
     from shared.corpus import Corpus
 
     owns = corpus is None
-    store = Corpus.open(settings.data_path / "corpus.sqlite3") if corpus is None else corpus
+    store = Corpus.open(settings.corpus_path) if corpus is None else corpus
     try:
         inner = await bus.serve_batch(
             COLLECTOR,

@@ -17,6 +17,7 @@ from services.report_render import render_html
 from services.scoring import Comparison, Decision
 from shared.files import ensure_private_dir, write_private
 from shared.messages import RunReport
+from shared.subjects import REPORT_GLOB, RunNames
 
 
 def _finite(x: float | None) -> float | None:
@@ -64,11 +65,11 @@ class ReportNotFound(FileNotFoundError):
     """No report matches; the message says where we looked."""
 
 
-def write_report(report: RunReport, training_dir: Path, ts: str) -> tuple[Path, Path]:
-    """Write report_<ts>.json and report_<ts>.html (0600); the report records both paths."""
+def write_report(report: RunReport, training_dir: Path, names: RunNames) -> tuple[Path, Path]:
+    """Write report_<run_id>.json and .html (0600); the report records both paths."""
     ensure_private_dir(training_dir)
-    json_path = training_dir / f"report_{ts}.json"
-    html_path = training_dir / f"report_{ts}.html"
+    json_path = training_dir / names.report_json_file
+    html_path = training_dir / names.report_html_file
     report = msgspec.structs.replace(
         report,
         artifacts={
@@ -92,13 +93,13 @@ def read_report(path: Path) -> RunReport:
 def find_report(training_dir: Path, run_id: str | None = None) -> Path:
     """The newest report, or the newest one of `run_id` (matched against run_id, training_id
     or the file's timestamp)."""
-    paths = sorted(Path(training_dir).glob("report_*.json"), reverse=True)  # names sort by time
+    paths = sorted(Path(training_dir).glob(REPORT_GLOB), reverse=True)  # names sort by time
     if not paths:
         raise ReportNotFound(f"no run reports in {training_dir}")
     if run_id is None:
         return paths[0]
     for path in paths:
-        if path.stem.removeprefix("report_") == run_id:
+        if path.name == RunNames(run_id).report_json_file:
             return path
         try:
             report = read_report(path)

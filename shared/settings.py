@@ -103,6 +103,10 @@ class Settings:
         return t if t.is_absolute() else self.data_path / t
 
     @property
+    def corpus_path(self) -> Path:
+        return self.data_path / "corpus.sqlite3"
+
+    @property
     def memory_path(self) -> Path:
         return self.data_path / "memory"
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from nats.js.api import RetentionPolicy
 
+from shared.messages import MemoryPoint
+
 # --- subjects -------------------------------------------------------------------------------
 MEMORY_POINT_CREATED = "memory.point.created"
 TRAINING_REQUESTED = "training.requested"
@@ -99,6 +101,12 @@ class RunNames:
 
 
 REPORT_GLOB = "report_*.json"
+
+
+def point_msg_id(point: MemoryPoint) -> str:
+    """A memory point's message id: its id and version, so a repeated import is dropped."""
+    changed = point.updated_at or point.created_at
+    return f"point-{point.id}-{changed.isoformat() if changed else ''}"
 
 
 # --- streams --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from services.report import ReportNotFound, apply_comparison, find_report, read_
 from services.report_render import render_html, summary_text
 from services.scoring import compare, decide
 from shared.messages import CaseResult, FunnelStage, RunReport
+from shared.subjects import RunNames
 
 EVIL = '<script>alert("x")</script>'
 
@@ -142,7 +143,7 @@ def assert_self_contained(page: str) -> None:
 
 def test_json_round_trip_and_private_files(tmp_path: Path) -> None:
     report = realistic_report(lora=True)
-    json_path, html_path = write_report(report, tmp_path / "training", "20250303_090000")
+    json_path, html_path = write_report(report, tmp_path / "training", RunNames("20250303_090000"))
     assert json_path.name == "report_20250303_090000.json"
     assert html_path.name == "report_20250303_090000.html"
     for path in (json_path, html_path):
@@ -178,7 +179,7 @@ def test_gate_numbers_fill_the_report_and_nan_becomes_null(tmp_path: Path) -> No
     cmp = compare([0.5], [None])  # nothing paired: every statistic NaN
     bare = apply_comparison(RunReport(run_id="r1", status="failed"), cmp, decide(cmp, cases=1))
     assert bare.base_score is None and bare.ci_low is None and bare.score_diff is None
-    json_path, _ = write_report(bare, tmp_path, "20250101_000000")
+    json_path, _ = write_report(bare, tmp_path, RunNames("20250101_000000"))
     assert read_report(json_path).ci_low is None
     assert b"NaN" not in json_path.read_bytes()
 
@@ -196,9 +197,9 @@ def test_read_report_names_the_bad_file(tmp_path: Path) -> None:
 def test_find_report_latest_by_run_and_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ReportNotFound, match=str(tmp_path)):
         find_report(tmp_path, None)
-    write_report(RunReport(run_id="run-a", status="skipped"), tmp_path, "20250101_120000")
-    write_report(RunReport(run_id="run-c", status="failed"), tmp_path, "20250301_080000")
-    write_report(RunReport(run_id="run-b", status="skipped"), tmp_path, "20250201_000000")
+    write_report(RunReport(run_id="run-a", status="skipped"), tmp_path, RunNames("20250101_120000"))
+    write_report(RunReport(run_id="run-c", status="failed"), tmp_path, RunNames("20250301_080000"))
+    write_report(RunReport(run_id="run-b", status="skipped"), tmp_path, RunNames("20250201_000000"))
     (tmp_path / "report_20240101_000000.json").write_text("not json")  # ignored when searching
     assert find_report(tmp_path).name == "report_20250301_080000.json"
     assert find_report(tmp_path, "run-b").name == "report_20250201_000000.json"
@@ -211,7 +212,7 @@ def test_find_report_latest_by_run_and_clear_errors(tmp_path: Path) -> None:
 
 
 def test_html_is_self_contained_and_well_formed(tmp_path: Path) -> None:
-    _, html_path = write_report(realistic_report(lora=True), tmp_path, "20250303_090000")
+    _, html_path = write_report(realistic_report(lora=True), tmp_path, RunNames("20250303_090000"))
     page = html_path.read_text(encoding="utf-8")
     assert page.startswith("<!doctype html>")
     assert_self_contained(page)
@@ -317,7 +318,7 @@ def test_skipped_and_failed_reports_render(tmp_path: Path) -> None:
     )
     failed = RunReport(run_id="r-fail", status="failed", error="ollama: connection refused")
     for report in (skipped, failed, RunReport()):
-        _, html_path = write_report(report, tmp_path, "20250101_000000")
+        _, html_path = write_report(report, tmp_path, RunNames("20250101_000000"))
         page = html_path.read_text(encoding="utf-8")
         assert_self_contained(page)
         assert_well_formed(page)

@@ -17,7 +17,6 @@ from shared.corpus import Corpus
 from shared.embeddings import Embedder
 from shared.messages import (
     MemoryPoint,
-    Pair,
     TrainingFinished,
     TrainingProgress,
     TrainingRequested,
