@@ -1,33 +1,30 @@
-"""MemoryAdapter: where a training run gets its memory points, and the training watermark.
+"""MemoryAdapter: memory points exported as files, and the training watermark.
 
-`TrainingDataSource` is the port the trainer uses; two adapters implement it:
-
-* `FileDataSource`: `<data-dir>/memory/*.jsonl|*.json` exported by the Memory module.
-* `CorpusDataSource`: the collector's corpus, fed by `memory.point.created`.
+Files: `<data-dir>/memory/*.jsonl|*.json` as the Memory module exports them; `mindx memory
+import` and `mindx train --run-once` publish their points on `memory.point.created`, and the
+collector stores them in the corpus. A malformed record is reported as `file:line: reason` and
+skipped; it never stops an import.
 
 The watermark is the seed's `~/.mindx/training/last_training.json`,
 `{"last_train_time": "<RFC3339>"}`; with none yet, the whole corpus counts as new.
-A malformed record is reported as `file:line: reason` and skipped; it never stops a run.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from shared.files import PRIVATE_FILE, atomic_write, ensure_private_dir
-from shared.messages import MemoryPoint, Pair
+from shared.messages import MemoryPoint
 
 if TYPE_CHECKING:
-    from shared.corpus import Corpus
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +127,6 @@ def memory_files(directory: Path) -> list[Path]:
     )
 
 
-def read_memory_dir(directory: Path) -> tuple[list[MemoryPoint], list[str]]:
-    """All points of `directory/*.jsonl|*.json` in file-name order; a missing directory is empty."""
-    points: list[MemoryPoint] = []
-    errors: list[str] = []
-    for f in memory_files(directory):
-        p, e = read_memory_file(f)
-        points.extend(p)
-        errors.extend(e)
-    return points, errors
-
-
 # --- watermark ----------------------------------------------------------------------------------
 
 
@@ -167,93 +153,3 @@ def save_watermark(path: Path, t: datetime) -> Path:
         t = t.astimezone()
     ensure_private_dir(path.parent)
     return atomic_write(path, msgspec.json.encode(Watermark(last_train_time=t)), mode=PRIVATE_FILE)
-
-
-def point_time(point: MemoryPoint) -> datetime | None:
-    """When a point last changed: the later of created_at and updated_at (naive = UTC).
-
-    The same rule as the corpus's `changed_at`, so both sources agree on what is new.
-    """
-    times = [
-        t if t.tzinfo is not None else t.replace(tzinfo=UTC)
-        for t in (point.created_at, point.updated_at)
-        if t is not None
-    ]
-    return max(times) if times else None
-
-
-def points_since(points: list[MemoryPoint], since: datetime | None) -> list[MemoryPoint]:
-    """Points created or updated after `since` (all of them when None; undated ones always)."""
-    if since is None:
-        return list(points)
-    if since.tzinfo is None:
-        since = since.astimezone()
-    return [p for p in points if (t := point_time(p)) is None or t > since]
-
-
-# --- the port and its adapters ------------------------------------------------------------------
-
-
-@runtime_checkable
-class TrainingDataSource(Protocol):
-    async def get_all_points(self) -> list[MemoryPoint]: ...
-
-    async def get_last_train_time(self) -> datetime | None: ...
-
-    async def update_last_train_time(self, t: datetime) -> None: ...
-
-
-class _WatermarkFile:
-    def __init__(self, watermark_path: Path) -> None:
-        self.watermark_path = Path(watermark_path).expanduser()
-
-    async def get_last_train_time(self) -> datetime | None:
-        return load_watermark(self.watermark_path)
-
-    async def update_last_train_time(self, t: datetime) -> None:
-        await asyncio.to_thread(save_watermark, self.watermark_path, t)
-
-
-class FileDataSource(_WatermarkFile):
-    """Memory points exported as files; `errors` holds the last read's skipped records."""
-
-    def __init__(self, memory_dir: Path, watermark_path: Path) -> None:
-        super().__init__(watermark_path)
-        self.memory_dir = Path(memory_dir).expanduser()
-        self.errors: list[str] = []
-
-    async def get_all_points(self) -> list[MemoryPoint]:
-        points, self.errors = await asyncio.to_thread(read_memory_dir, self.memory_dir)
-        for e in self.errors[:20]:
-            log.warning("skipped memory record: %s", e)
-        if len(self.errors) > 20:
-            log.warning("... and %d more skipped records", len(self.errors) - 20)
-        return points
-
-    async def get_new_points(self) -> list[MemoryPoint]:
-        """Points changed after the watermark; everything when there is none."""
-        return points_since(await self.get_all_points(), await self.get_last_train_time())
-
-
-class CorpusDataSource(_WatermarkFile):
-    """The collector's corpus (`shared.corpus.Corpus`: `points`/`pairs(since=...)`)."""
-
-    def __init__(self, corpus: Corpus, watermark_path: Path) -> None:
-        super().__init__(watermark_path)
-        self.corpus = corpus
-
-    async def _call(self, method: Callable[..., Any], since: datetime | None) -> list[Any]:
-        if inspect.iscoroutinefunction(method):
-            return list(await method(since=since))
-        return list(await asyncio.to_thread(method, since=since))  # SQLite reads block
-
-    async def get_all_points(self) -> list[MemoryPoint]:
-        return await self._call(self.corpus.points, None)
-
-    async def get_new_points(self) -> list[MemoryPoint]:
-        """Points the corpus has had since the watermark; the whole corpus when there is none."""
-        return await self._call(self.corpus.points, await self.get_last_train_time())
-
-    async def get_new_pairs(self) -> list[Pair]:
-        """Pairs of the points changed since the watermark; all of them when there is none."""
-        return await self._call(self.corpus.pairs, await self.get_last_train_time())

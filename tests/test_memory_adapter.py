@@ -1,4 +1,4 @@
-"""MemoryAdapter: memory files, the watermark, and both TrainingDataSource adapters."""
+"""MemoryAdapter: memory files and the watermark."""
 
 from __future__ import annotations
 
@@ -11,17 +11,11 @@ from pathlib import Path
 import pytest
 
 from services.memory_adapter import (
-    CorpusDataSource,
-    FileDataSource,
-    TrainingDataSource,
     load_watermark,
-    points_since,
-    read_memory_dir,
+    memory_files,
     read_memory_file,
     save_watermark,
 )
-from shared.corpus import Corpus
-from shared.messages import MemoryPoint, Pair
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():
@@ -132,17 +126,16 @@ def test_an_unreadable_file_is_an_error_not_a_crash(tmp_path: Path):
     assert points == [] and len(errors) == 1 and "missing.jsonl" in errors[0]
 
 
-def test_read_memory_dir_takes_jsonl_and_json_only(tmp_path: Path):
+def test_memory_files_are_the_visible_jsonl_and_json_files_in_name_order(tmp_path: Path):
     mem = tmp_path / "memory"
     write(mem / "b.jsonl", point_json(2) + "\nnot json\n")
     write(mem / "a.json", f"[{point_json(1)}]")
     write(mem / "notes.txt", point_json(99))
     write(mem / ".b.jsonl.tmp", point_json(98))
     write(mem / ".hidden.jsonl", point_json(97))
-    points, errors = read_memory_dir(mem)
-    assert [p.id for p in points] == [1, 2]  # file-name order
-    assert errors == [f"{mem / 'b.jsonl'}:2: " + errors[0].split(": ", 1)[1]]
-    assert read_memory_dir(tmp_path / "nope") == ([], [])
+    (mem / "dir.jsonl").mkdir()
+    assert memory_files(mem) == [mem / "a.json", mem / "b.jsonl"]
+    assert memory_files(tmp_path / "nope") == []
 
 
 @pytest.mark.parametrize(
@@ -200,70 +193,3 @@ def test_a_corrupt_watermark_counts_as_none(tmp_path: Path, caplog):
     with caplog.at_level(logging.WARNING):
         assert load_watermark(path) is None
     assert "whole corpus" in caplog.text
-
-
-def test_points_since_uses_the_later_of_created_and_updated():
-    base = datetime(2025, 4, 1, tzinfo=UTC)
-    pts = [
-        MemoryPoint(id=1, content="old", created_at=base - timedelta(days=2)),
-        MemoryPoint(
-            id=2,
-            content="edited",
-            created_at=base - timedelta(days=2),
-            updated_at=base + timedelta(hours=1),
-        ),
-        MemoryPoint(id=3, content="new, naive = UTC", created_at=datetime(2025, 4, 1, 0, 0, 1)),
-        MemoryPoint(id=4, content="undated"),
-    ]
-    assert [p.id for p in points_since(pts, base)] == [2, 3, 4]
-    assert [p.id for p in points_since(pts, None)] == [1, 2, 3, 4]
-
-
-# --- adapters -----------------------------------------------------------------------------------
-
-
-async def test_file_source_reads_the_directory_and_keeps_the_watermark(tmp_path: Path):
-    mem = tmp_path / "memory"
-    write(
-        mem / "a.jsonl",
-        "\n".join(
-            [
-                point_json(1, "2025-03-01T10:00:00Z"),
-                point_json(2, "2025-03-05T10:00:00Z"),
-                "{bad",
-            ]
-        ),
-    )
-    src = FileDataSource(mem, tmp_path / "wm" / "last_training.json")
-    assert isinstance(src, TrainingDataSource)
-    assert [p.id for p in await src.get_all_points()] == [1, 2]
-    assert len(src.errors) == 1 and src.errors[0].startswith(f"{mem / 'a.jsonl'}:3: ")
-    assert await src.get_last_train_time() is None
-    assert [p.id for p in await src.get_new_points()] == [1, 2]  # no watermark: everything
-
-    t = datetime(2025, 3, 3, tzinfo=UTC)
-    await src.update_last_train_time(t)
-    assert await src.get_last_train_time() == t
-    assert [p.id for p in await src.get_new_points()] == [2]
-
-
-async def test_corpus_source_takes_the_whole_corpus_then_what_is_new(tmp_path: Path):
-    corpus = Corpus.open(tmp_path / "corpus.sqlite3")
-    try:
-        for i, day in ((1, 1), (2, 5), (3, 9)):
-            at = datetime(2025, 3, day, tzinfo=UTC)
-            point = MemoryPoint(id=i, content=f"用户: q{i}\n助手: a{i}", created_at=at)
-            pair = Pair(prompt=f"q{i}", completion=f"a{i}", point_id=i, created_at=at)
-            corpus.upsert_point(point, [pair])
-        src = CorpusDataSource(corpus, tmp_path / "last_training.json")
-        assert isinstance(src, TrainingDataSource)
-        assert [p.id for p in await src.get_all_points()] == [1, 2, 3]
-        assert [p.id for p in await src.get_new_points()] == [1, 2, 3]
-        assert [p.prompt for p in await src.get_new_pairs()] == ["q1", "q2", "q3"]
-
-        await src.update_last_train_time(datetime(2025, 3, 5, 8, tzinfo=CST))  # 00:00 UTC
-        assert [p.id for p in await src.get_new_points()] == [3]
-        assert [p.point_id for p in await src.get_new_pairs()] == [3]
-        assert [p.id for p in await src.get_all_points()] == [1, 2, 3]
-    finally:
-        corpus.close()
