@@ -3,9 +3,12 @@
 It owns decoding, acks, retries and dead-lettering so handlers stay plain typed functions:
 a handler gets a decoded payload (and a `Delivery`), and its message is acked only after it
 returns. An undecodable payload, or one whose handler keeps failing, lands in the `DLQ` stream
-with its reason instead of crashing the consumer. The fetch loop behind `serve` and
-`serve_batch` lives in shared.bus_consumer; its public names are re-exported here, so
-`from shared.bus import ...` is the only import a service needs.
+with its reason instead of crashing the consumer. `publish_and_wait` publishes and returns the
+first expected answer (e.g. `model.updated` for a `model.validated`), subscribing first so a
+quick answer is never missed.
+
+The fetch loop behind `serve` and `serve_batch` lives in shared.bus_consumer; its public names
+are re-exported here, so `from shared.bus import ...` is the only import a service needs.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from shared.bus_consumer import (
     MSG_ID_HEADER,
     Delivery,
+    PullConsumer,
+    Puller,
     Service,
-    _PullConsumer,
-    _Puller,
     backoff_delay,
 )
 from shared.messages import DeadLetter, decode, encode
@@ -368,7 +371,7 @@ class Bus:
         On stop, a running handler gets `grace` seconds before it is cancelled.
         """
         sub = await self._bind(spec)
-        consumer = _PullConsumer(
+        consumer = PullConsumer(
             self._nc, self.publish_raw, spec, typ, handler, sub, batch=batch, grace=grace
         )
         return self._track(Service(f"consumer:{spec.durable}", consumer.stop))
@@ -394,13 +397,13 @@ class Bus:
         if batch < 1:
             raise ValueError("batch must be at least 1")
         await self._ensure_consumer(spec)
-        sub = _Puller(self._nc, spec.stream, spec.durable, batch)
+        sub = Puller(self._nc, spec.stream, spec.durable, batch)
         await sub.start()
 
         async def one(event: T, delivery: Delivery) -> None:  # a message of a failed batch
             await handler([(event, delivery)])
 
-        consumer = _PullConsumer(
+        consumer = PullConsumer(
             self._nc,
             self.publish_raw,
             spec,

@@ -1,6 +1,6 @@
 """Pull-consumer internals of the bus: what `Bus.serve` and `Bus.serve_batch` run.
 
-A `_PullConsumer` fetches from one durable in stream order, decodes each message, runs the
+A `PullConsumer` fetches from one durable in stream order, decodes each message, runs the
 handler and acks after it returns; failures are naked with the spec's backoff and, after
 spec.max_deliver tries (or at once when undecodable), published as a `DeadLetter` through the
 publish function the bus hands in. `Delivery` is what a handler sees of its message, and
@@ -133,7 +133,7 @@ class Service:
         return f"Service({self.name!r})"
 
 
-class _Puller:
+class Puller:
     """Pull requests for one durable, answered into a plain inbox subscription (batch mode).
 
     nats-py's fetch() spends two tasks and a uuid per message, as much as the whole handling
@@ -228,7 +228,7 @@ class _Puller:
             await self.sub.unsubscribe()
 
 
-class _PullConsumer(Generic[T]):
+class PullConsumer(Generic[T]):
     """Fetch loop of one durable, in stream order.
 
     Without `batch_handler`, one message per handler call. With it, every fetched message that
@@ -244,7 +244,7 @@ class _PullConsumer(Generic[T]):
         spec: ConsumerSpec,
         typ: type[T],
         handler: Callable[[T, Delivery], Awaitable[None]],
-        sub: JetStreamContext.PullSubscription | _Puller,
+        sub: JetStreamContext.PullSubscription | Puller,
         *,
         batch: int,
         grace: float,
@@ -313,8 +313,8 @@ class _PullConsumer(Generic[T]):
                     await msg.in_progress()
 
     def _undelivered(self) -> list[Msg]:
-        # Messages the server delivered to a _Puller that no fetch() took yet.
-        return list(self.sub.ready) if isinstance(self.sub, _Puller) else []
+        # Messages the server delivered to a Puller that no fetch() took yet.
+        return list(self.sub.ready) if isinstance(self.sub, Puller) else []
 
     async def _admit(self, msg: Msg) -> tuple[T, Delivery] | None:
         """The decoded message, or None once it is dead-lettered (undecodable, or too many
