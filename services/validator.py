@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from shared import subjects
 from shared.backend import Backend, ChatMessage
+from shared.bus import Bus, BusError, NoRespondersError, Service, worker_name
 from shared.messages import ValidationCase, ValidationResult
 
 if TYPE_CHECKING:
-    from shared.bus import Bus, Service
     from shared.embeddings import Embedder
 
 log = logging.getLogger(__name__)
@@ -39,10 +37,6 @@ def case_messages(case: ValidationCase) -> list[ChatMessage]:
     msgs = [ChatMessage(role="system", content=case.system)] if case.system else []
     msgs.append(ChatMessage(role="user", content=case.prompt))
     return msgs
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 async def score_case(
@@ -94,8 +88,6 @@ async def validate_cases(
     A case whose validator times out is sent again (another worker picks it up). With no
     validator listening at all, `fallback` scores the case in this process.
     """
-    from shared.bus import BusError, NoRespondersError  # the bus is only needed here
-
     sem = asyncio.Semaphore(concurrency)
 
     async def one(case: ValidationCase) -> ValidationResult:

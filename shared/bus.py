@@ -3,23 +3,29 @@
 It owns decoding, acks, retries and dead-lettering so handlers stay plain typed functions:
 a handler gets a decoded payload (and a `Delivery`), and its message is acked only after it
 returns. An undecodable payload, or one whose handler keeps failing, lands in the `DLQ` stream
-with its reason instead of crashing the consumer.
+with its reason instead of crashing the consumer. `publish_and_wait` publishes and returns the
+first expected answer (e.g. `model.updated` for a `model.validated`), subscribing first so a
+quick answer is never missed.
+
+The fetch loop behind `serve` and `serve_batch` lives in shared.bus_consumer; its public names
+are re-exported here, so `from shared.bus import ...` is the only import a service needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
+import socket
 import tempfile
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import nats
@@ -27,7 +33,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -39,6 +44,14 @@ from nats.js.api import (
 from nats.js.object_store import ObjectStore
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from shared.bus_consumer import (
+    MSG_ID_HEADER,
+    Delivery,
+    PullConsumer,
+    Puller,
+    Service,
+    backoff_delay,
+)
 from shared.messages import DeadLetter, decode, encode
 from shared.subjects import (
     DEAD_LETTER_PREFIX,
@@ -49,20 +62,35 @@ from shared.subjects import (
     dead_letter_subject,
 )
 
+__all__ = [
+    "DLQ_STREAM",
+    "ERROR_CODE_HEADER",
+    "ERROR_HEADER",
+    "MSG_ID_HEADER",
+    "Bus",
+    "BusError",
+    "Delivery",
+    "Expect",
+    "NoRespondersError",
+    "ObjectNotFoundError",
+    "RemoteError",
+    "RequestTimeoutError",
+    "Service",
+    "backoff_delay",
+    "stream_for",
+    "subject_matches",
+    "worker_name",
+]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-MSG_ID_HEADER = "Nats-Msg-Id"
-STATUS_HEADER = "Status"  # how nats-py hands over a JetStream status line (e.g. 404, 408)
-DESCRIPTION_HEADER = "Description"
 # The NATS micro convention for a failed request, so non-Python requesters understand it too.
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 DLQ_STREAM = next(s.name for s in STREAMS if s.subjects == [f"{DEAD_LETTER_PREFIX}.>"])
-# A dead letter must itself fit under the server's max_payload (1 MiB by default).
-_MAX_DEAD_LETTER_DATA = 256 * 1024
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -115,13 +143,6 @@ def stream_for(subject: str) -> str | None:
     return None
 
 
-def backoff_delay(spec: ConsumerSpec, num_delivered: int) -> float:
-    """Delay before redelivering after the `num_delivered`-th attempt failed."""
-    if not spec.backoff_s:
-        return 1.0
-    return spec.backoff_s[min(num_delivered, len(spec.backoff_s)) - 1]
-
-
 def _stream_config(spec: StreamSpec) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
@@ -137,372 +158,19 @@ def _header_text(text: str, limit: int = 1024) -> str:
     return " ".join(text.split())[:limit]
 
 
-def _num_delivered(msg: Msg) -> int:
-    """Delivery count of a JetStream message: read straight from its reply subject in the
-    common layout `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`,
-    which costs a tenth of the client's full metadata parse (per message, on the hot path)."""
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        return int(tokens[4])
-    return msg.metadata.num_delivered  # other layouts (domains): the client's parser
+def worker_name() -> str:
+    """`host:pid` of this process: how a worker names itself in the answers it publishes."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
-# --- handler side -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Expect(Generic[T]):
+    """One kind of answer a publish waits for: the first decoded payload on `subject` that
+    `match` accepts."""
 
-
-class Delivery:
-    """What a JetStream handler may know and do about the message it is handling."""
-
-    def __init__(self, msg: Msg, ack_wait: float) -> None:
-        self.num_delivered: int = _num_delivered(msg)
-        self.subject: str = msg.subject
-        self._msg = msg
-        self._ack_wait = ack_wait
-
-    @property
-    def stream_seq(self) -> int:
-        return self._msg.metadata.sequence.stream
-
-    @property
-    def msg_id(self) -> str | None:
-        return (self._msg.headers or {}).get(MSG_ID_HEADER)
-
-    async def progress(self) -> None:
-        """Tell the server this message is still being worked on (resets its ack_wait)."""
-        try:
-            await self._msg.in_progress()
-        except Exception as exc:  # the connection may be reconnecting; the next beat retries
-            log.warning("in_progress for %s failed: %r", self.subject, exc)
-
-    @contextlib.asynccontextmanager
-    async def keep_alive(self, every: float = 10.0) -> AsyncIterator[None]:
-        """Send in_progress() every `every` s (at most ack_wait/2) while the block runs."""
-        period = max(0.05, min(every, self._ack_wait / 2))
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(period)
-                await self.progress()
-
-        await self.progress()
-        task = asyncio.create_task(beat(), name=f"keep-alive:{self.subject}")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-class Service:
-    """A running consumer, subscription or responder; `stop()` ends it."""
-
-    def __init__(self, name: str, stop: Callable[[], Awaitable[None]]) -> None:
-        self.name = name
-        self._stop = stop
-        self._stopped = False
-        self.on_stop: Callable[[Service], None] | None = None
-
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            await self._stop()
-        finally:
-            if self.on_stop is not None:
-                self.on_stop(self)
-
-    def __repr__(self) -> str:
-        return f"Service({self.name!r})"
-
-
-class _Puller:
-    """Pull requests for one durable, answered into a plain inbox subscription (batch mode).
-
-    nats-py's fetch() spends two tasks and a uuid per message, as much as the whole handling
-    of a collected point; here the subscription callback just appends to `ready`. One pull
-    request is open at a time: first a no-wait one (what is there now, up to `batch`), and
-    only when that finds nothing a lingering one that waits for new messages.
-    """
-
-    def __init__(self, nc: Client, stream: str, durable: str, batch: int) -> None:
-        self.nc = nc
-        self.batch = batch
-        self.api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
-        self.inbox = nc.new_inbox()
-        self.ready: deque[Msg] = deque()  # delivered to us, not yet taken by fetch()
-        self.arrived = asyncio.Event()
-        self.open_until = 0.0  # loop time by which the open request has surely ended
-        self.left = 0  # messages the open request may still deliver
-        self.refused: str | None = None  # why the server refused the last request
-        self.sub: Subscription | None = None
-
-    async def start(self) -> None:
-        self.sub = await self.nc.subscribe(self.inbox, cb=self._on_msg)
-
-    async def _on_msg(self, msg: Msg) -> None:
-        status = msg.headers.get(STATUS_HEADER) if msg.headers else None
-        if status is None:
-            self.ready.append(msg)
-            self.left -= 1
-            if self.left <= 0:
-                self.open_until = 0.0  # the request got all it asked for
-        elif status == "100":
-            return  # heartbeat or flow control: not asked for, nothing ends
-        else:
-            # 404 nothing there (no-wait), 408 expired; anything else (409 consumer deleted,
-            # limits): refused. Either way the request is over.
-            self.open_until = 0.0
-            if status not in ("404", "408"):
-                self.refused = f"{status} {msg.headers.get(DESCRIPTION_HEADER, '')}".strip()
-        self.arrived.set()
-
-    async def _request(self, *, wait: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        if wait is None:
-            # No expires: with it the server would ignore no_wait and linger.
-            body: dict[str, object] = {"batch": self.batch, "no_wait": True}
-            self.open_until = loop.time() + 5.0
-        else:
-            body = {"batch": self.batch, "expires": int(wait * 1e9)}
-            self.open_until = loop.time() + wait + 1.0  # its 408 may be lost in a reconnect
-        self.left = self.batch
-        await self.nc.publish(self.api, json.dumps(body).encode(), reply=self.inbox)
-
-    async def fetch(self, batch: int, timeout: float) -> list[Msg]:  # noqa: ASYNC109
-        """Up to `batch` messages: what arrives at once, else the first ones within timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        if not self.ready and loop.time() >= self.open_until:
-            await self._request(wait=None)
-        while len(self.ready) < batch:
-            now = loop.time()
-            is_open = now < self.open_until
-            if self.refused is not None:
-                reason, self.refused = self.refused, None
-                raise BusError(f"pull request refused: {reason}")
-            if self.ready and not is_open:
-                break  # the request delivered all it will
-            if not self.ready and not is_open:
-                if now + 0.05 >= deadline:
-                    raise TimeoutError
-                await self._request(wait=deadline - now - 0.01)
-            # Once something is here, wait only a moment for the rest of the burst.
-            wait = 0.002 if self.ready else deadline - now
-            if wait <= 0:
-                raise TimeoutError
-            self.arrived.clear()
-            try:
-                await asyncio.wait_for(self.arrived.wait(), wait)
-            except TimeoutError:
-                if not self.ready:
-                    raise
-                break
-        n = min(batch, len(self.ready))
-        return [self.ready.popleft() for _ in range(n)]
-
-    async def unsubscribe(self) -> None:
-        if self.sub is not None:
-            await self.sub.unsubscribe()
-
-
-class _PullConsumer:
-    """Fetch loop of one durable, in stream order.
-
-    Without `batch_handler`, one message per handler call. With it, every fetched message that
-    decodes goes to one call and all are acked after it returns; if that call fails, its
-    messages are handled again one at a time, so only the failing one is retried or
-    dead-lettered. The handler must therefore be all-or-nothing (e.g. one transaction).
-    """
-
-    def __init__(
-        self,
-        bus: Bus,
-        spec: ConsumerSpec,
-        typ: type[T],
-        handler: Callable[[T, Delivery], Awaitable[None]],
-        sub: JetStreamContext.PullSubscription | _Puller,
-        *,
-        batch: int,
-        grace: float,
-        batch_handler: Callable[[list[tuple[T, Delivery]]], Awaitable[None]] | None = None,
-    ) -> None:
-        self.bus = bus
-        self.spec = spec
-        self.typ = typ
-        self.handler = handler
-        self.batch_handler = batch_handler
-        self.sub = sub
-        self.batch = batch
-        self.grace = grace
-        self.buffer: deque[Msg] = deque()  # fetched, not handled yet
-        self.singles: deque[Msg] = deque()  # of a failed batch, to handle one at a time
-        self.current: list[Msg] = []  # being handled now
-        self.stopping = False
-        self.task = asyncio.create_task(self._run(), name=f"consumer:{spec.durable}")
-        self.holder: asyncio.Task[None] | None = None
-        if batch > 1:
-            self.holder = asyncio.create_task(self._hold(), name=f"hold:{spec.durable}")
-
-    async def _run(self) -> None:
-        failures = 0
-        while not self.stopping:
-            try:
-                # A short fetch keeps shutdown quick and leaves few orphaned pull requests.
-                msgs = await self.sub.fetch(self.batch, timeout=2.0)
-                failures = 0
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # disconnected, reconnecting, server restarting
-                if self.bus.nc.is_closed:
-                    log.warning("%s: connection closed; consumer ends", self.spec.durable)
-                    return
-                failures += 1
-                log.warning("%s: fetch failed (%r); retrying", self.spec.durable, exc)
-                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
-                continue
-            self.buffer.extend(msgs)
-            while (self.singles or self.buffer) and not self.stopping:
-                try:
-                    if self.batch_handler is not None and not self.singles:
-                        self.current = list(self.buffer)
-                        self.buffer.clear()
-                        await self._deliver_batch(self.current)
-                    else:
-                        msg = (self.singles or self.buffer).popleft()
-                        self.current = [msg]
-                        await self._deliver(msg)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # one message never kills the loop
-                    log.exception("%s: unexpected error handling a message", self.spec.durable)
-                self.current = []
-
-    async def _hold(self) -> None:
-        # Fetched-but-waiting messages would time out behind a slow handler: keep them alive.
-        while True:
-            await asyncio.sleep(self.spec.ack_wait_s / 3)
-            for msg in [*self.singles, *self.buffer, *self._undelivered()]:
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-
-    def _undelivered(self) -> list[Msg]:
-        # Messages the server delivered to a _Puller that no fetch() took yet.
-        return list(self.sub.ready) if isinstance(self.sub, _Puller) else []
-
-    async def _admit(self, msg: Msg) -> tuple[T, Delivery] | None:
-        """The decoded message, or None once it is dead-lettered (undecodable, or too many
-        deliveries without an outcome)."""
-        spec = self.spec
-        delivery = Delivery(msg, spec.ack_wait_s)
-        tries = delivery.num_delivered
-        try:
-            event = decode(msg.data, self.typ)
-        except msgspec.DecodeError as exc:  # ValidationError too: a retry cannot help
-            log.warning("%s: undecodable %s: %s", spec.durable, msg.subject, exc)
-            await self._dead_letter(msg, f"decode: {exc}", tries)
-            return None
-        if tries > spec.max_deliver:
-            # Delivered again without an outcome: earlier consumers died or overran ack_wait.
-            await self._dead_letter(
-                msg,
-                f"no outcome after {tries - 1} deliveries (consumer died or ack_wait ran out)",
-                tries,
-            )
-            return None
-        return event, delivery
-
-    async def _deliver(self, msg: Msg) -> None:
-        admitted = await self._admit(msg)
-        if admitted is None:
-            return
-        event, delivery = admitted
-        try:
-            await self.handler(event, delivery)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await self._failed(msg, delivery.num_delivered, exc)
-            return
-        await msg.ack()
-
-    async def _deliver_batch(self, msgs: list[Msg]) -> None:
-        ready: list[tuple[Msg, tuple[T, Delivery]]] = []
-        for msg in msgs:
-            admitted = await self._admit(msg)
-            if admitted is not None:
-                ready.append((msg, admitted))
-        if not ready:
-            return
-        assert self.batch_handler is not None
-        try:
-            await self.batch_handler([admitted for _, admitted in ready])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if len(ready) == 1:
-                msg, (_, delivery) = ready[0]
-                await self._failed(msg, delivery.num_delivered, exc)
-            else:
-                log.warning(
-                    "%s: batch of %d failed (%r); handling its messages one at a time",
-                    self.spec.durable, len(ready), exc,
-                )  # fmt: skip
-                self.singles.extend(msg for msg, _ in ready)
-            return
-        # An ack is a plain publish: they leave together on the client's next flush.
-        for msg, _ in ready:
-            await msg.ack()
-
-    async def _failed(self, msg: Msg, tries: int, exc: Exception) -> None:
-        spec = self.spec
-        if tries >= spec.max_deliver:
-            log.error(
-                "%s: giving up on %s after %d tries: %r", spec.durable, msg.subject, tries, exc
-            )
-            await self._dead_letter(msg, repr(exc), tries)
-        else:
-            delay = backoff_delay(spec, tries)
-            log.warning(
-                "%s: try %d of %s failed, retry in %.1fs: %r",
-                spec.durable, tries, msg.subject, delay, exc,
-            )  # fmt: skip
-            await msg.nak(delay=delay)
-
-    async def _dead_letter(self, msg: Msg, error: str, tries: int) -> None:
-        try:
-            await self.bus._publish_dead_letter(msg, error, self.spec.durable, tries)
-        except Exception as exc:  # keep the message; try again after a pause
-            log.error("%s: dead-lettering %s failed: %r", self.spec.durable, msg.subject, exc)
-            await msg.nak(delay=backoff_delay(self.spec, 1))
-            return
-        await msg.term()
-
-    async def stop(self) -> None:
-        self.stopping = True
-        if not self.current:
-            self.task.cancel()  # idle in fetch: nothing to lose
-        else:
-            # Let the running handler finish for a moment, then interrupt it.
-            await asyncio.wait({self.task}, timeout=self.grace)
-            self.task.cancel()
-        for task in (self.task, self.holder):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        # Hand back what we hold (interrupted or not yet started) so it is redelivered now;
-        # a nak of a message acked meanwhile is refused by the client and changes nothing.
-        held = [*self.current, *self.singles, *self.buffer, *self._undelivered()]
-        self.current, self.singles, self.buffer = [], deque(), deque()
-        for msg in held:
-            with contextlib.suppress(Exception):
-                await msg.nak()
-        with contextlib.suppress(Exception):
-            await self.sub.unsubscribe()
+    subject: str
+    type: type[T]
+    match: Callable[[T], bool] = lambda _: True
 
 
 # --- the bus ------------------------------------------------------------------------------------
@@ -637,18 +305,52 @@ class Bus:
         except Exception as exc:
             raise BusError(f"publish to {subject} (stream {stream}) failed: {exc!r}") from exc
 
-    async def _publish_dead_letter(self, msg: Msg, error: str, consumer: str, tries: int) -> None:
-        text = msg.data.decode("utf-8", errors="replace")
-        if len(text) > _MAX_DEAD_LETTER_DATA:
-            text = text[:_MAX_DEAD_LETTER_DATA] + f"…[truncated, {len(msg.data)} bytes]"
-        letter = DeadLetter(
-            subject=msg.subject, error=error, data=text, consumer=consumer, deliveries=tries
-        )
-        meta = msg.metadata
-        # Same id on a repeat (e.g. our term() was lost): the stream keeps one copy.
-        msg_id = f"{meta.stream}:{meta.sequence.stream}:{consumer}"
-        await self.publish_raw(dead_letter_subject(msg.subject), encode(letter), msg_id=msg_id)
-        log.warning("dead letter from %s on %s: %s", consumer, msg.subject, error)
+    async def publish_and_wait(
+        self,
+        subject: str,
+        payload: msgspec.Struct,
+        *,
+        expect: Sequence[Expect[Any]],
+        timeout: float | None,  # noqa: ASYNC109 - the wait starts only after the publish
+        msg_id: str | None = None,
+    ) -> Any:
+        """Subscribe to every expected answer, then publish (so no answer can be missed), and
+        return the first matching answer. Raises TimeoutError after `timeout` seconds (None: wait
+        forever). The subscriptions are always removed.
+
+        The timeout counts from the end of the publish; a timeout raises RequestTimeoutError
+        (a TimeoutError and a BusError). An answer that does not decode as its Expect's type,
+        or that its `match` rejects, is ignored.
+        """
+        if not expect:
+            raise ValueError("publish_and_wait needs at least one Expect")
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def taker(want: Expect[Any]) -> Callable[[Any], Awaitable[None]]:
+            async def take(event: Any) -> None:
+                if not answer.done() and want.match(event):
+                    answer.set_result(event)
+
+            return take
+
+        subs: list[Service] = []
+        try:
+            for want in expect:
+                subs.append(await self.subscribe(want.subject, want.type, taker(want)))
+            await self.publish(subject, payload, msg_id=msg_id)
+            try:
+                return await asyncio.wait_for(answer, timeout)
+            except TimeoutError:
+                waited = ", ".join(want.subject for want in expect)
+                raise RequestTimeoutError(
+                    f"no answer on {waited} within {timeout:g}s of publishing to {subject}"
+                ) from None
+        finally:
+            for sub in subs:
+                try:
+                    await sub.stop()
+                except Exception as exc:  # connection closed: the server dropped them already
+                    log.debug("removing the subscription %s failed: %r", sub.name, exc)
 
     # --- JetStream consumers ------------------------------------------------------------------
 
@@ -669,7 +371,9 @@ class Bus:
         On stop, a running handler gets `grace` seconds before it is cancelled.
         """
         sub = await self._bind(spec)
-        consumer = _PullConsumer(self, spec, typ, handler, sub, batch=batch, grace=grace)
+        consumer = PullConsumer(
+            self._nc, self.publish_raw, spec, typ, handler, sub, batch=batch, grace=grace
+        )
         return self._track(Service(f"consumer:{spec.durable}", consumer.stop))
 
     async def serve_batch(
@@ -693,14 +397,22 @@ class Bus:
         if batch < 1:
             raise ValueError("batch must be at least 1")
         await self._ensure_consumer(spec)
-        sub = _Puller(self._nc, spec.stream, spec.durable, batch)
+        sub = Puller(self._nc, spec.stream, spec.durable, batch)
         await sub.start()
 
         async def one(event: T, delivery: Delivery) -> None:  # a message of a failed batch
             await handler([(event, delivery)])
 
-        consumer = _PullConsumer(
-            self, spec, typ, one, sub, batch=batch, grace=grace, batch_handler=handler
+        consumer = PullConsumer(
+            self._nc,
+            self.publish_raw,
+            spec,
+            typ,
+            one,
+            sub,
+            batch=batch,
+            grace=grace,
+            batch_handler=handler,
         )
         return self._track(Service(f"consumer:{spec.durable}", consumer.stop))
 

@@ -1,12 +1,15 @@
-"""The bus against a real nats-server: acks, retries, dead letters, request/reply, objects."""
+"""The bus against a real nats-server: acks, retries, dead letters, request/reply,
+publish-and-wait, objects."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -18,6 +21,7 @@ from shared.bus import (
     Bus,
     BusError,
     Delivery,
+    Expect,
     NoRespondersError,
     ObjectNotFoundError,
     RemoteError,
@@ -426,6 +430,153 @@ async def test_request_errors_are_distinct(bus: Bus) -> None:
     assert info.value.code == "400"
     with pytest.raises(RequestTimeoutError):
         await bus.request(subjects.VALIDATION_CASE, case(2), ValidationResult, timeout=0.3)
+
+
+# --- publish and wait ---------------------------------------------------------------------------
+
+ASK, DONE, FAILED = "test.ask", "test.answer.done", "test.answer.failed"
+
+
+class Ask(msgspec.Struct, frozen=True):
+    run_id: str
+
+
+class Done(msgspec.Struct, frozen=True):
+    run_id: str
+    value: int
+
+
+class Failed(msgspec.Struct, frozen=True):
+    run_id: str
+    error: str
+
+
+def answers_for(run_id: str) -> list[Expect[Any]]:
+    return [
+        Expect(DONE, Done, lambda d: d.run_id == run_id),
+        Expect(FAILED, Failed, lambda f: f.run_id == run_id),
+    ]
+
+
+def open_subscriptions(bus: Bus) -> int:
+    return len(bus.nc._subs)
+
+
+async def assert_nobody_listens(bus: Bus, *subjects_: str) -> None:
+    """The server knows no interest left in any of `subjects_` (a core request there has no
+    responders at once)."""
+    await bus.nc.flush()
+    for subject in subjects_:
+        with pytest.raises(NoRespondersError):
+            await bus.request(subject, Ask(run_id="probe"), Done, timeout=5)
+
+
+@contextlib.asynccontextmanager
+async def responder(
+    url: str, subject: str, answer: Callable[[Bus, Ask], Awaitable[None]]
+) -> AsyncIterator[None]:
+    """Another process's bus that answers every `Ask` on `subject` the moment it arrives."""
+    other = await Bus.connect(url, name="responder")
+    try:
+
+        async def on_ask(ask: Ask) -> None:
+            await answer(other, ask)
+
+        await other.subscribe(subject, Ask, on_ask)
+        await other.nc.flush()
+        yield
+    finally:
+        await other.close()
+
+
+async def test_publish_and_wait_returns_the_matching_answer_and_ignores_the_rest(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    async def answer(other: Bus, ask: Ask) -> None:
+        await other.publish(DONE, Done(run_id="another-run", value=1))  # match rejects it
+        await other.publish(DONE, Failed(run_id=ask.run_id, error="x"))  # not a Done
+        await other.publish(DONE, Done(run_id=ask.run_id, value=3))
+
+    before = open_subscriptions(bus)
+    async with responder(nats_server.url, ASK, answer):
+        got = await bus.publish_and_wait(
+            ASK, Ask(run_id="r1"), expect=answers_for("r1"), timeout=10
+        )
+    assert got == Done(run_id="r1", value=3)
+    assert open_subscriptions(bus) == before
+    await assert_nobody_listens(bus, DONE, FAILED)
+
+
+@pytest.mark.parametrize("first", [DONE, FAILED])
+async def test_the_first_of_two_expected_answers_wins(
+    nats_server: EmbeddedNats, bus: Bus, first: str
+) -> None:
+    async def answer(other: Bus, ask: Ask) -> None:
+        done, failed = Done(run_id=ask.run_id, value=1), Failed(run_id=ask.run_id, error="no")
+        order = [(DONE, done), (FAILED, failed)]
+        if first == FAILED:
+            order.reverse()
+        for subject, payload in order:
+            await other.publish(subject, payload)
+            await other.nc.flush()
+            await asyncio.sleep(0.05)
+
+    async with responder(nats_server.url, ASK, answer):
+        got = await bus.publish_and_wait(
+            ASK, Ask(run_id="r1"), expect=answers_for("r1"), timeout=10
+        )
+    assert isinstance(got, Done if first == DONE else Failed)
+
+
+async def test_an_answer_sent_on_receipt_of_a_stored_publish_is_not_missed(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    # The request is a JetStream publish: the answer may come back before its PubAck does.
+    stored_ask = subjects.MODEL_ROLLBACK_REQUESTED
+    assert stream_for(stored_ask) is not None
+
+    async def answer(other: Bus, ask: Ask) -> None:
+        await other.publish(DONE, Done(run_id=ask.run_id, value=7))
+
+    async with responder(nats_server.url, stored_ask, answer):
+        for i in range(20):
+            run_id = f"r{i}"
+            got = await bus.publish_and_wait(
+                stored_ask, Ask(run_id=run_id), expect=answers_for(run_id), timeout=5
+            )
+            assert got == Done(run_id=run_id, value=7)
+
+
+async def test_publish_and_wait_times_out_and_unsubscribes(bus: Bus) -> None:
+    before = open_subscriptions(bus)
+    with pytest.raises(TimeoutError, match=r"test\.answer\.done, test\.answer\.failed"):
+        await bus.publish_and_wait(ASK, Ask(run_id="r1"), expect=answers_for("r1"), timeout=0.3)
+    assert open_subscriptions(bus) == before
+    await assert_nobody_listens(bus, DONE, FAILED)
+
+
+async def test_a_cancelled_publish_and_wait_unsubscribes(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    asked = asyncio.Event()
+
+    async def answer(other: Bus, ask: Ask) -> None:
+        asked.set()  # and never answers
+
+    before = open_subscriptions(bus)
+    async with responder(nats_server.url, ASK, answer):
+        waiting = asyncio.create_task(
+            bus.publish_and_wait(ASK, Ask(run_id="r1"), expect=answers_for("r1"), timeout=None)
+        )
+        await asyncio.wait_for(asked.wait(), 10)  # published: now waiting for an answer
+        assert open_subscriptions(bus) == before + 2
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # no timeout: it would wait forever
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert open_subscriptions(bus) == before
+    await assert_nobody_listens(bus, DONE, FAILED)
 
 
 # --- object store -------------------------------------------------------------------------------

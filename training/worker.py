@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,13 +25,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.bus import Bus, Delivery, Service, worker_name
 from shared.files import ensure_private_dir, write_private
 from shared.messages import LoraJob, LoraJobDone, TrainingProgress, decode, encode
 from shared.subjects import LORA_DONE, LORA_WORKER, progress_subject
 
 if TYPE_CHECKING:
     from shared.backend import Backend
-    from shared.bus import Bus, Delivery, Service
     from shared.settings import Settings
     from training.lora import TrainingArgs, TrainProgress
 
@@ -48,10 +47,6 @@ class JobRejected(ValueError):
 
 def done_subject(run_id: str) -> str:
     return f"{LORA_DONE}.{run_id}"
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def job_args(job: LoraJob, settings: Settings) -> tuple[TrainingArgs, str]:
