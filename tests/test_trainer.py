@@ -112,3 +112,34 @@ async def test_too_small_a_corpus_is_skipped_and_moves_nothing(
     assert report.status == "skipped" and "fewer than min_corpus 50" in report.decision_reason
     assert not (tmp_path / "wm.json").exists()
     assert not ollama_double.count("/api/create")
+
+
+async def test_a_request_with_an_impossible_value_fails_the_run_and_creates_nothing(
+    tmp_path: Path, bus: Bus, ollama_double: Any
+) -> None:
+    settings = Settings.load(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "watermark": str(tmp_path / "wm.json"),
+            "ollama": ollama_double.url,
+        },
+        env={},
+    )
+    failed: asyncio.Queue[TrainingFinished] = asyncio.Queue()
+
+    async def on_failed(ev: TrainingFinished) -> None:
+        await failed.put(ev)
+
+    await bus.subscribe(subjects.TRAINING_FAILED, TrainingFinished, on_failed)
+    with Corpus.open(settings.corpus_path) as corpus:
+        async with OllamaClient(ollama_double.url) as client:
+            t = trainer_service.Trainer(
+                bus, settings, client, Embedder(client, settings.embedding_model), corpus
+            )
+            report = await t.run(TrainingRequested(request_id="bad", min_corpus=-5))
+    assert report.status == "failed"
+    assert "min_corpus must be >= 1, got -5" in report.error
+    announced = await asyncio.wait_for(failed.get(), 5)
+    assert announced.request_id == "bad" and announced.run_id == report.run_id
+    assert not ollama_double.count("/api/create") and not ollama_double.count("/api/chat")
+    assert not (tmp_path / "wm.json").exists()
