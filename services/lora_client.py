@@ -24,21 +24,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def lora_hyperparams(settings: Any) -> dict[str, Any]:
-    return {
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "max_length": settings.max_length,
-        "rank": settings.lora_rank,
-        "alpha": settings.lora_alpha,
-        "target_modules": list(settings.target_modules),
-        "time_budget_s": settings.time_budget_s,
-        "seed": settings.seed,
-        "export": settings.export,
-    }
-
-
 async def run_lora_job(trainer: Trainer, state: RunState, dataset: Path) -> LoraJobDone:
     """Publish the job and wait for its `lora.done.<run_id>`, relaying the worker's progress."""
     bus = trainer.bus
@@ -61,7 +46,7 @@ async def run_lora_job(trainer: Trainer, state: RunState, dataset: Path) -> Lora
                 dataset_object=key,
                 base_model=s.base_model,
                 base_weights=s.base_weights,
-                hyperparams=lora_hyperparams(s),
+                hyperparams=s.lora_hyperparams(),
             ),
             msg_id=f"lora-{state.run_id}",
         )

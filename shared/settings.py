@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+from shared.messages import ExportMode, LoraHyperparams, Mode
+
 Backend = Literal["ollama", "local"]
 
 DEFAULT_OLLAMA_EMBED_MODEL = "qllama/bge-small-zh-v1.5:latest"
@@ -21,6 +23,7 @@ DEFAULT_LOCAL_BASE = "smollm2:135m"
 
 # Environment names used by the wider ecosystem, besides MINDX_<FIELD>.
 _ENV_ALIASES = {"nats": "NATS_URL", "ollama": "OLLAMA_HOST"}
+_LORA = LoraHyperparams()  # the LoRA defaults live there
 
 
 class SettingsError(ValueError):
@@ -46,7 +49,7 @@ class Settings:
     embed_model: str | None = None  # None: the backend's default
 
     # the run
-    mode: Literal["message", "lora"] = "message"
+    mode: Mode = "message"
     min_corpus: int = 50
     max_pairs: int = 1000  # quality-score cap on the filtered set
     max_examples: int = 50  # few-shot messages baked into a message-mode model
@@ -70,17 +73,17 @@ class Settings:
     seed: int = 42
     config_wait_s: float = 30.0  # how long a run waits for the config updater's answer
 
-    # LoRA
-    epochs: int = 3
-    batch_size: int = 1
-    learning_rate: float = 2e-4
-    max_length: int = 512
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    time_budget_s: float | None = None
+    # LoRA: the names are the flags' and MINDX_* variables'; lora_hyperparams() maps them
+    epochs: int = _LORA.epochs
+    batch_size: int = _LORA.batch_size
+    learning_rate: float = _LORA.learning_rate
+    max_length: int = _LORA.max_length
+    lora_rank: int = _LORA.rank
+    lora_alpha: int = _LORA.alpha
+    target_modules: tuple[str, ...] = _LORA.target_modules
+    time_budget_s: float | None = _LORA.time_budget_s
     base_weights: str | None = None
-    export: Literal["auto", "adapter", "merged"] = "auto"
+    export: ExportMode = _LORA.export
 
     # service behaviour
     max_deliver: int = 5
@@ -171,6 +174,21 @@ class Settings:
             raise SettingsError("validation_concurrency must be >= 1")
         if self.max_examples < 1:
             raise SettingsError(f"max_examples must be >= 1, got {self.max_examples}")
+
+    def lora_hyperparams(self) -> LoraHyperparams:
+        """The LoRA job these settings ask for (the one place setting names map to job names)."""
+        return LoraHyperparams(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            max_length=self.max_length,
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            target_modules=tuple(self.target_modules),
+            time_budget_s=self.time_budget_s,
+            seed=self.seed,
+            export=self.export,
+        )
 
 
 def normalize_ollama_host(value: str) -> str:
