@@ -1,8 +1,10 @@
 """`mindx`: the command line over the services.
 
 Each command resolves one Settings object (flags > env > defaults), connects to the bus (an
-embedded nats-server when none is given) and calls library code. Expected failures print one
-line and exit non-zero; set MINDX_DEBUG=1 for a traceback.
+embedded nats-server when none is given) and calls library code. Expected failures (bad settings,
+an unreachable server, a missing file) print one line `mindx <command>: <message>` and exit 2;
+`--debug` (or MINDX_DEBUG=1) adds the traceback. Anything else is a bug: its traceback is always
+printed. `--log-level` sets the level of mindx's own loggers (default WARNING).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Coroutine
+import traceback
+from collections.abc import Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=["ollama", "local"], help="model backend")
     g.add_argument("--ollama", help="Ollama URL (default: OLLAMA_HOST or 127.0.0.1:11434)")
     g.add_argument("--embed-model", dest="embed_model", help="embedding model")
-    g.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
+    g.add_argument(
+        "--log-level", dest="log_level", help="DEBUG, INFO, WARNING (default), ERROR, CRITICAL"
+    )
+    g.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also MINDX_DEBUG=1)"
+    )
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -131,6 +139,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can act on (a setting, a server, a path): one line, no traceback.
+    Imported when needed, so `mindx --help` stays light."""
+    from nats.errors import (
+        AuthorizationError,
+        ConnectionClosedError,
+        NoServersError,
+        StaleConnectionError,
+    )
+
+    from shared.bus import BusError
+    from shared.nats_server import NatsServerError
+    from shared.ollama import OllamaError
+    from shared.settings import SettingsError
+
+    return (
+        UserFacingError,
+        SettingsError,
+        OllamaError,
+        BusError,
+        NatsServerError,
+        NoServersError,
+        ConnectionClosedError,
+        AuthorizationError,
+        StaleConnectionError,
+        FileNotFoundError,
+        PermissionError,
+    )
+
+
+def report_error(command: str, exc: BaseException, *, debug: bool) -> int:
+    """Print a failure the way the CLI promises and return the exit code."""
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, expected_errors()):
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"mindx {command}: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    hint = f"mindx {command}: unexpected {type(exc).__name__}: {message} (a bug; traceback follows)"
+    print(hint, file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    return EXIT_ERROR
+
 
 
 # --- commands: each one library call (services.app) and its rendering ----------------------------
@@ -316,30 +372,58 @@ async def _cancellable(command: Coroutine[Any, Any, int]) -> int:
         return 130
 
 
+# mindx's own loggers; --log-level sets these, other libraries log warnings and worse
+OWN_LOGGERS = ("mindx", "services", "shared", "training")
+
+
+@contextlib.contextmanager
+def log_level(level: str) -> Iterator[None]:
+    """Our loggers at `level` for the duration of a command, on stderr unless the host process
+    (a test runner) already routes logging; restored afterwards, so main() can run in-process."""
+    value = logging.getLevelName(level.upper())
+    root = logging.getLogger()
+    handler = None
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    loggers = [root, *(logging.getLogger(name) for name in OWN_LOGGERS)]
+    before = [lg.level for lg in loggers]
+    root.setLevel(max(value, logging.WARNING))
+    for lg in loggers[1:]:
+        lg.setLevel(value)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, before, strict=True):
+            lg.setLevel(old)
+        if handler is not None:
+            root.removeHandler(handler)
+
+
+_OFF = ("", "0", "false", "no", "off")  # MINDX_DEBUG values that leave debugging off
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """`memory import`, `dlq list`, `train`: as the user typed it."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    args = build_parser().parse_args(argv)
+    command = command_name(args)
+    debug = bool(args.debug) or os.environ.get("MINDX_DEBUG", "").lower() not in _OFF
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
     try:
         settings = Settings.load(flags)
-    except ValueError as exc:
-        print(f"mindx {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO)
-        if os.environ.get("MINDX_DEBUG")
-        else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return asyncio.run(_cancellable(args.func(settings, args)))
+        with log_level(settings.log_level):
+            log.debug("%s with %s", command, settings)
+            return asyncio.run(_cancellable(args.func(settings, args)))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if os.environ.get("MINDX_DEBUG"):
-            raise
-        print(f"mindx {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return report_error(command, exc, debug=debug)
 
 
 if __name__ == "__main__":

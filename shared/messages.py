@@ -172,12 +172,32 @@ class ValidationResult(Payload, kw_only=True, frozen=True):
 # --- LoRA jobs (JetStream work queue) -----------------------------------------------------------
 
 
+ExportMode = Literal["auto", "adapter", "merged"]  # auto: adapter and merged, either may fail
+
+
+class LoraHyperparams(msgspec.Struct, kw_only=True, frozen=True):
+    """What a LoRA job trains with. The one table of their defaults: the settings and the
+    worker's TrainingArgs take theirs from here. Ranges are checked where they are used (the
+    worker rejects a job it cannot run), so a bad value is announced, not dead-lettered."""
+
+    epochs: int = 3
+    batch_size: int = 1
+    learning_rate: float = 2e-4
+    max_length: int = 512  # tokens per example
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    time_budget_s: float | None = None  # None: no limit
+    seed: int = 42
+    export: ExportMode = "auto"
+
+
 class LoraJob(Payload, kw_only=True, frozen=True):
     run_id: RunId
     dataset_object: str  # object-store key of the train_data jsonl
     base_model: str
     base_weights: str | None = None  # GGUF path, HF dir or HF id; None: resolve on the worker
-    hyperparams: dict[str, Any] = {}
+    hyperparams: LoraHyperparams = LoraHyperparams()
 
 
 class LoraJobDone(Payload, kw_only=True, frozen=True):

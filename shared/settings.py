@@ -7,10 +7,13 @@ names the ecosystem already uses (`NATS_URL`, `OLLAMA_HOST`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
+
+from shared.messages import ExportMode, LoraHyperparams, Mode
 
 Backend = Literal["ollama", "local"]
 
@@ -21,6 +24,8 @@ DEFAULT_LOCAL_BASE = "smollm2:135m"
 
 # Environment names used by the wider ecosystem, besides MINDX_<FIELD>.
 _ENV_ALIASES = {"nats": "NATS_URL", "ollama": "OLLAMA_HOST"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LORA = LoraHyperparams()  # the LoRA defaults live there
 
 
 class SettingsError(ValueError):
@@ -46,7 +51,7 @@ class Settings:
     embed_model: str | None = None  # None: the backend's default
 
     # the run
-    mode: Literal["message", "lora"] = "message"
+    mode: Mode = "message"
     min_corpus: int = 50
     max_pairs: int = 1000  # quality-score cap on the filtered set
     max_examples: int = 50  # few-shot messages baked into a message-mode model
@@ -70,21 +75,21 @@ class Settings:
     seed: int = 42
     config_wait_s: float = 30.0  # how long a run waits for the config updater's answer
 
-    # LoRA
-    epochs: int = 3
-    batch_size: int = 1
-    learning_rate: float = 2e-4
-    max_length: int = 512
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    time_budget_s: float | None = None
+    # LoRA: the names are the flags' and MINDX_* variables'; lora_hyperparams() maps them
+    epochs: int = _LORA.epochs
+    batch_size: int = _LORA.batch_size
+    learning_rate: float = _LORA.learning_rate
+    max_length: int = _LORA.max_length
+    lora_rank: int = _LORA.rank
+    lora_alpha: int = _LORA.alpha
+    target_modules: tuple[str, ...] = _LORA.target_modules
+    time_budget_s: float | None = _LORA.time_budget_s
     base_weights: str | None = None
-    export: Literal["auto", "adapter", "merged"] = "auto"
+    export: ExportMode = _LORA.export
 
     # service behaviour
     max_deliver: int = 5
-    log_level: str = "INFO"
+    log_level: str = "WARNING"  # of mindx's own loggers; a CLI's normal output stays clean
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -153,28 +158,88 @@ class Settings:
             values[name] = _coerce(name, value, hints[name]) if isinstance(value, str) else value
         if "ollama" in values:
             values["ollama"] = normalize_ollama_host(values["ollama"])
-        s = cls(**values)
-        s.check()
-        return s
+        return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes`, validated like any other Settings."""
         return dataclasses.replace(self, **changes)
 
+    def __post_init__(self) -> None:
+        self.check()  # every way of making Settings (load, replace, direct) is validated
+
     def check(self) -> None:
-        if self.min_corpus < 1:
-            raise SettingsError(f"min_corpus must be >= 1, got {self.min_corpus}")
-        if not 0.0 < self.dedupe_threshold <= 1.0:
-            raise SettingsError(f"dedupe_threshold must be in (0, 1], got {self.dedupe_threshold}")
-        if not 0.0 < self.similarity_threshold <= 1.0:
-            raise SettingsError(
-                f"similarity_threshold must be in (0, 1], got {self.similarity_threshold}"
-            )
-        if self.held_out < 1:
-            raise SettingsError(f"held_out must be >= 1, got {self.held_out}")
-        if self.validation_concurrency < 1:
-            raise SettingsError("validation_concurrency must be >= 1")
-        if self.max_examples < 1:
-            raise SettingsError(f"max_examples must be >= 1, got {self.max_examples}")
+        """Raise SettingsError naming the first value that cannot work."""
+        for ok, message in self._rules():
+            if not ok:
+                raise SettingsError(message)
+
+    def _rules(self) -> list[tuple[bool, str]]:
+        def at_least(name: str, low: float) -> tuple[bool, str]:
+            value = getattr(self, name)
+            return value >= low, f"{name} must be >= {low}, got {value}"
+
+        def within(name: str, ok: bool, bounds: str) -> tuple[bool, str]:
+            return ok, f"{name} must be in {bounds}, got {getattr(self, name)}"
+
+        def one_of(name: str, allowed: tuple[Any, ...]) -> tuple[bool, str]:
+            value = getattr(self, name)
+            return value in allowed, f"{name} must be one of {allowed}, got {value!r}"
+
+        return [
+            one_of("backend", get_args(Backend)),
+            one_of("mode", get_args(Mode)),
+            one_of("export", get_args(ExportMode)),
+            (
+                str(self.log_level).upper() in LOG_LEVELS,
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}",
+            ),
+            at_least("keep_backups", 1),
+            at_least("min_corpus", 1),
+            at_least("max_pairs", 1),
+            at_least("max_examples", 1),
+            at_least("example_budget_chars", 1),
+            at_least("max_chars", 1),
+            within("dedupe_threshold", 0.0 < self.dedupe_threshold <= 1.0, "(0, 1]"),
+            at_least("held_out", 1),
+            within("held_out_fraction", 0.0 < self.held_out_fraction < 1.0, "(0, 1)"),
+            within("similarity_threshold", 0.0 < self.similarity_threshold <= 1.0, "(0, 1]"),
+            # any finite effect works: one above the score scale is a gate that never opens
+            (math.isfinite(self.min_effect), f"min_effect must be finite, got {self.min_effect}"),
+            at_least("bootstrap_samples", 100),  # fewer cannot place a 95% interval's tails
+            within("max_error_rate", 0.0 <= self.max_error_rate <= 1.0, "[0, 1]"),
+            at_least("validation_concurrency", 1),
+            within("validation_timeout_s", self.validation_timeout_s > 0, "(0, inf)"),
+            at_least("temperature", 0.0),
+            within("config_wait_s", self.config_wait_s > 0, "(0, inf)"),
+            at_least("epochs", 1),
+            at_least("batch_size", 1),
+            within("learning_rate", self.learning_rate > 0, "(0, inf)"),
+            at_least("max_length", 2),  # a prompt token and a reply token
+            at_least("lora_rank", 1),
+            within("lora_alpha", self.lora_alpha > 0, "(0, inf)"),
+            (bool(self.target_modules), "target_modules must name at least one module"),
+            within(
+                "time_budget_s",
+                self.time_budget_s is None or self.time_budget_s > 0,
+                "(0, inf) or unset",
+            ),
+            at_least("max_deliver", 1),
+        ]
+
+    def lora_hyperparams(self) -> LoraHyperparams:
+        """The LoRA job these settings ask for (the one place setting names map to job names)."""
+        return LoraHyperparams(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            max_length=self.max_length,
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            target_modules=tuple(self.target_modules),
+            time_budget_s=self.time_budget_s,
+            seed=self.seed,
+            export=self.export,
+        )
 
 
 def normalize_ollama_host(value: str) -> str:

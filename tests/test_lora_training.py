@@ -18,7 +18,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from shared.messages import LoraJob, LoraJobDone, TrainingProgress
+from shared.messages import LoraHyperparams, LoraJob, LoraJobDone, TrainingProgress
 from shared.settings import Settings
 from shared.subjects import LORA_JOBS, progress_subject
 from training.base_weights import (
@@ -152,6 +152,31 @@ def test_labels_on_real_records_and_truncation(tokenizer: Any) -> None:
         "no assistant tokens within max_length": 1,
         "malformed: record has no 'messages' list": 1,
     }
+
+
+# --- args from a job ---------------------------------------------------------------------------
+
+
+def test_a_job_becomes_training_args_and_bad_values_reject_it() -> None:
+    from training.lora import TrainingArgs
+    from training.worker import JobRejected, job_args
+
+    assert TrainingArgs.from_hyperparams(LoraHyperparams()) == TrainingArgs()
+    hp = LoraHyperparams(rank=4, alpha=8, target_modules=("q_proj",), time_budget_s=30.0, seed=7)
+    job = LoraJob(run_id="r", dataset_object="d", base_model="m", hyperparams=hp)
+    assert job_args(job) == TrainingArgs(
+        rank=4, alpha=8, target_modules=("q_proj",), time_budget_s=30.0, seed=7
+    )
+    local = TrainingArgs.from_hyperparams(hp, device="cpu", checkpoint_every=1)
+    assert (local.device, local.checkpoint_every, local.rank) == ("cpu", 1, 4)
+    for bad, message in [
+        (LoraHyperparams(rank=0), "rank must be >= 1"),
+        (LoraHyperparams(learning_rate=0.0), "learning_rate must be > 0"),
+        (LoraHyperparams(target_modules=()), "target_modules must not be empty"),
+        (LoraHyperparams(time_budget_s=-1.0), "time_budget_s must be > 0"),
+    ]:
+        with pytest.raises(JobRejected, match=message):
+            job_args(LoraJob(run_id="r", dataset_object="d", base_model="m", hyperparams=bad))
 
 
 # --- model: parameters, learning ---------------------------------------------------------------
@@ -441,7 +466,7 @@ async def test_worker_trains_exports_and_announces_once(bus: Any, tmp_path: Path
         run_id="run1",
         dataset_object="datasets/run1.jsonl",
         base_model="smollm2:135m",
-        hyperparams={"epochs": 1, "max_length": 64, "export": "adapter", "checkpoint_every": 1},
+        hyperparams=LoraHyperparams(epochs=1, max_length=64, export="adapter"),
     )
     progress: list[TrainingProgress] = []
     done_msgs: list[LoraJobDone] = []

@@ -9,7 +9,9 @@ A plain PyTorch loop over a PEFT LoRA model. What it adds over a generic trainer
 - checkpoints (adapter + optimizer + step + RNG) every N steps and on stop, resumed exactly: the
   batch order is a pure function of (seed, epoch), so a resumed run sees the same batches an
   uninterrupted one would have seen;
-- progress through one injected callback; the loop imports no bus or UI.
+- progress only through the injected `callback`: no bar, no bus; whoever calls `train()`
+  decides how progress is shown (the worker publishes it as `training.progress` events, the CLI
+  draws bars from those).
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ import math
 import os
 import resource
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from shared.messages import LoraHyperparams
 from training.data import IGNORE_INDEX, Dataset, Example, build_dataset, pad_batch
 
 log = logging.getLogger(__name__)
@@ -52,22 +54,22 @@ _RESUME_KEYS = (
     "weight_decay",
     "max_grad_norm",
 )
-_ALIASES = {"lora_rank": "rank", "lora_alpha": "alpha", "lr": "learning_rate", "r": "rank"}
+_JOB = LoraHyperparams()  # the defaults a job and these args share
 
 
 @dataclass(frozen=True)
 class TrainingArgs:
-    epochs: int = 3
-    batch_size: int = 1
-    learning_rate: float = 2e-4
-    max_length: int = 512
-    rank: int = 8
-    alpha: float = 16.0
+    epochs: int = _JOB.epochs
+    batch_size: int = _JOB.batch_size
+    learning_rate: float = _JOB.learning_rate
+    max_length: int = _JOB.max_length
+    rank: int = _JOB.rank
+    alpha: float = _JOB.alpha
     dropout: float = 0.0  # 0: a step is a pure function of the weights (exact resume, simple)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    time_budget_s: float | None = None  # per call of train(); stops between steps
+    target_modules: tuple[str, ...] = _JOB.target_modules
+    time_budget_s: float | None = _JOB.time_budget_s  # per call of train(); between steps
     max_steps: int | None = None
-    seed: int = 42
+    seed: int = _JOB.seed
     checkpoint_every: int = 50  # steps; 0 disables periodic checkpoints (stop still saves)
     keep_checkpoints: int = 2
     weight_decay: float = 0.0
@@ -96,22 +98,21 @@ class TrainingArgs:
                 raise ValueError(f"{message}, got {self}")
 
     @classmethod
-    def from_mapping(
-        cls, values: Mapping[str, Any], base: TrainingArgs | None = None
-    ) -> TrainingArgs:
-        """Override `base` with known keys of `values` (job hyperparams); others are ignored."""
-        names = {f.name: f for f in fields(cls)}
-        changes: dict[str, Any] = {}
-        for key, value in values.items():
-            name = _ALIASES.get(key, key)
-            if name not in names or value is None:
-                continue
-            if name == "target_modules":
-                value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
-            changes[name] = value
-        merged = {**asdict(base or cls()), **changes}
-        merged["target_modules"] = tuple(merged["target_modules"])
-        return cls(**merged)
+    def from_hyperparams(cls, h: LoraHyperparams, **local: Any) -> TrainingArgs:
+        """The args of a job: its hyperparams, plus what only this machine decides (`local`:
+        device, threads, checkpointing, ...). Raises ValueError for values that cannot work."""
+        return cls(
+            epochs=h.epochs,
+            batch_size=h.batch_size,
+            learning_rate=h.learning_rate,
+            max_length=h.max_length,
+            rank=h.rank,
+            alpha=h.alpha,
+            target_modules=tuple(h.target_modules),
+            time_budget_s=h.time_budget_s,
+            seed=h.seed,
+            **local,
+        )
 
 
 @dataclass(frozen=True)
@@ -391,45 +392,35 @@ def _train(
             state["fingerprint"] = fingerprint
             save_checkpoint(checkpoint_dir, peft_model, optimizer, state, args.keep_checkpoints)
 
-    bar = _progress_bar(total, step)
     peft_model.train()
     tokens, loop_started, stopped = 0, time.monotonic(), "completed"
     first_step = step
-    try:
-        while step < total:
-            if stop_event is not None and stop_event.is_set():
-                stopped = "stopped"
-                break
-            if args.time_budget_s is not None and time.monotonic() - started >= args.time_budget_s:
-                stopped = "time_budget"
-                break
-            epoch, index = divmod(step, per_epoch)
-            batch = [
-                data.examples[i] for i in epoch_batches(n, args.batch_size, args.seed, epoch)[index]
-            ]
-            step_loss, step_tokens = _step(
-                peft_model, optimizer, params, batch, pad_id, args, device
-            )
-            step += 1
-            tokens += step_tokens
-            loss_curve.append(step_loss)
-            spent = time.monotonic() - loop_started
-            rate = tokens / spent if spent > 0 else 0.0
-            eta = (total - step) * spent / (step - first_step)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_curve[-1]:.4f}", tok_s=f"{rate:.0f}")
-                bar.update(1)
-            if callback is not None:
-                callback(TrainProgress(step, total, epoch, loss_curve[-1], rate, eta, spent))
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total:
-                checkpoint()
-        else:
-            if args.max_steps is not None and total < args.epochs * per_epoch:
-                stopped = "max_steps"
-        checkpoint()  # final or interrupted: a redelivered job resumes (or finds nothing to do)
-    finally:
-        if bar is not None:
-            bar.close()
+    while step < total:
+        if stop_event is not None and stop_event.is_set():
+            stopped = "stopped"
+            break
+        if args.time_budget_s is not None and time.monotonic() - started >= args.time_budget_s:
+            stopped = "time_budget"
+            break
+        epoch, index = divmod(step, per_epoch)
+        batch = [
+            data.examples[i] for i in epoch_batches(n, args.batch_size, args.seed, epoch)[index]
+        ]
+        step_loss, step_tokens = _step(peft_model, optimizer, params, batch, pad_id, args, device)
+        step += 1
+        tokens += step_tokens
+        loss_curve.append(step_loss)
+        spent = time.monotonic() - loop_started
+        rate = tokens / spent if spent > 0 else 0.0
+        eta = (total - step) * spent / (step - first_step)
+        if callback is not None:
+            callback(TrainProgress(step, total, epoch, loss_curve[-1], rate, eta, spent))
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total:
+            checkpoint()
+    else:
+        if args.max_steps is not None and total < args.epochs * per_epoch:
+            stopped = "max_steps"
+    checkpoint()  # final or interrupted: a redelivered job resumes (or finds nothing to do)
     peft_model.eval()
     loop_s = time.monotonic() - loop_started
     peak, kind = _peak_memory_mb(device)
@@ -471,14 +462,6 @@ def _step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach()), int(mask.sum())
-
-
-def _progress_bar(total: int, initial: int) -> Any:
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="lora", unit="step", dynamic_ncols=True)
 
 
 def evaluate_loss(

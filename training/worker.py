@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPORT_MODES = ("auto", "adapter", "merged")
 PROGRESS_EVERY_S = 1.0
 
 
@@ -49,29 +48,14 @@ def done_subject(run_id: str) -> str:
     return f"{LORA_DONE}.{run_id}"
 
 
-def job_args(job: LoraJob, settings: Settings) -> tuple[TrainingArgs, str]:
-    """TrainingArgs from the settings' defaults overridden by the job's hyperparams."""
+def job_args(job: LoraJob) -> TrainingArgs:
+    """The job's TrainingArgs; hyperparameters that cannot work reject the job."""
     from training.lora import TrainingArgs
 
-    base = TrainingArgs(
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        max_length=settings.max_length,
-        rank=settings.lora_rank,
-        alpha=float(settings.lora_alpha),
-        target_modules=tuple(settings.target_modules),
-        time_budget_s=settings.time_budget_s,
-        seed=settings.seed,
-    )
-    hp = dict(job.hyperparams)
-    export = str(hp.pop("export", settings.export))
-    if export not in EXPORT_MODES:
-        raise JobRejected(f"hyperparams.export must be one of {EXPORT_MODES}, got {export!r}")
     try:
-        return TrainingArgs.from_mapping(hp, base), export
-    except (TypeError, ValueError) as exc:
-        raise JobRejected(f"bad hyperparams {job.hyperparams}: {exc}") from exc
+        return TrainingArgs.from_hyperparams(job.hyperparams)
+    except ValueError as exc:
+        raise JobRejected(f"bad hyperparams: {exc}") from exc
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -199,7 +183,7 @@ async def _train_and_export(
     from training.lora import train
 
     run_id = job.run_id
-    args, export_mode = job_args(job, settings)
+    args, export_mode = job_args(job), job.hyperparams.export
 
     await _publish_progress(bus, run_id, "lora.fetch", message=job.dataset_object)
     dataset = await bus.get_object(job.dataset_object, rundir / "train_data.jsonl")
