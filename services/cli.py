@@ -188,7 +188,6 @@ def report_error(command: str, exc: BaseException, *, debug: bool) -> int:
     return EXIT_ERROR
 
 
-
 # --- commands: each one library call (services.app) and its rendering ----------------------------
 
 
