@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from shared.messages import LoraHyperparams, LoraJob, LoraJobDone, TrainingProgress
 from shared.settings import Settings
-from shared.subjects import LORA_JOBS, progress_subject
+from shared.subjects import LORA_JOBS, RunNames
 from training.base_weights import (
     BaseWeightsUnavailable,
     bundled_smollm2_gguf,
@@ -456,7 +456,7 @@ async def test_local_backend_uses_the_bundled_smollm2() -> None:
 async def test_worker_trains_exports_and_announces_once(bus: Any, tmp_path: Path) -> None:
     from gguf import GGUFReader
 
-    from training.worker import done_subject, run_job, serve
+    from training.worker import run_job, serve
 
     data = tmp_path / "train_data_20250101_000000.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in chat_records(2)) + "\n")
@@ -479,8 +479,8 @@ async def test_worker_trains_exports_and_announces_once(bus: Any, tmp_path: Path
         done_msgs.append(d)
         got_done.set()
 
-    await bus.subscribe(progress_subject("run1"), TrainingProgress, on_progress)
-    await bus.subscribe(done_subject("run1"), LoraJobDone, on_done)
+    await bus.subscribe(RunNames("run1").progress_subject, TrainingProgress, on_progress)
+    await bus.subscribe(RunNames("run1").lora_done_subject, LoraJobDone, on_done)
     workdir = tmp_path / "work"
     service = await serve(bus, settings, workdir=workdir)
     try:

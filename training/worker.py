@@ -3,7 +3,7 @@
 A job (shared.messages.LoraJob) names a dataset in the object store and a base model. The worker
 fetches the dataset, resolves the base weights on *this* machine, trains with progress acks, exports
 GGUF artifacts, uploads them under `<run_id>/...` and announces `lora.done.<run_id>` once
-(msg_id = run_id, so a redelivered job does not announce twice).
+(one message id per run, so a redelivered job does not announce twice).
 
 Everything for a run lives in `<workdir>/<run_id>/`: checkpoints let a job redelivered after a kill
 resume where it stopped, and `done.json` lets a job redelivered after success re-announce instead
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from shared.bus import Bus, Delivery, Service, worker_name
 from shared.files import ensure_private_dir, write_private
 from shared.messages import LoraJob, LoraJobDone, TrainingProgress, decode, encode
-from shared.subjects import LORA_DONE, LORA_WORKER, progress_subject
+from shared.subjects import LORA_WORKER, RunNames
 
 if TYPE_CHECKING:
     from shared.backend import Backend
@@ -42,10 +42,6 @@ PROGRESS_EVERY_S = 1.0
 
 class JobRejected(ValueError):
     """The job cannot succeed on any retry (bad hyperparameters, no weights, bad data)."""
-
-
-def done_subject(run_id: str) -> str:
-    return f"{LORA_DONE}.{run_id}"
 
 
 def job_args(job: LoraJob) -> TrainingArgs:
@@ -75,7 +71,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 async def _publish_progress(bus: Bus, run_id: str, stage: str, **fields: Any) -> None:
     try:
         await bus.publish(
-            progress_subject(run_id), TrainingProgress(run_id=run_id, stage=stage, **fields)
+            RunNames(run_id).progress_subject,
+            TrainingProgress(run_id=run_id, stage=stage, **fields),
         )
     except Exception:  # progress is best effort: never fail a job over it
         log.warning("progress for %s not published", run_id, exc_info=True)
@@ -153,11 +150,12 @@ async def run_job(
     from training.base_weights import BaseWeightsUnavailable
 
     run_id = job.run_id
+    names = RunNames(run_id)
     rundir = ensure_private_dir(workdir / run_id)
     done_file = rundir / "done.json"
     if done_file.is_file():  # finished before a redelivery: announce again, do nothing else
         done = decode(done_file.read_bytes(), LoraJobDone)
-        await bus.publish(done_subject(run_id), done, msg_id=run_id)
+        await bus.publish(names.lora_done_subject, done, msg_id=names.lora_done_msg_id)
         return done
     try:
         done = await _train_and_export(job, bus, settings, rundir, backend, stop_event)
@@ -165,7 +163,7 @@ async def run_job(
         log.warning("lora job %s rejected: %s", run_id, exc)
         done = LoraJobDone(run_id=run_id, ok=False, error=str(exc), worker=worker_name())
     write_private(done_file, encode(done))
-    await bus.publish(done_subject(run_id), done, msg_id=run_id)
+    await bus.publish(names.lora_done_subject, done, msg_id=names.lora_done_msg_id)
     shutil.rmtree(rundir / "checkpoints", ignore_errors=True)  # the artifacts are what is kept
     await _publish_progress(bus, run_id, "lora.done", message="ok" if done.ok else "failed")
     return done
@@ -237,7 +235,7 @@ async def _train_and_export(
     await _publish_progress(bus, run_id, "lora.upload")
     artifacts: dict[str, str] = {}
     for kind, path in [*exported["paths"].items(), ("metrics", rundir / "metrics.json")]:
-        key = f"{run_id}/{path.name}"
+        key = RunNames(run_id).artifact_object(path.name)
         await bus.put_object(key, path)
         artifacts[kind] = key
     return LoraJobDone(
@@ -291,7 +289,10 @@ async def serve(
                         error=f"{type(exc).__name__}: {exc}",
                         worker=worker_name(),
                     )
-                    await bus.publish(done_subject(job.run_id), failed, msg_id=job.run_id)
+                    names = RunNames(job.run_id)
+                    await bus.publish(
+                        names.lora_done_subject, failed, msg_id=names.lora_done_msg_id
+                    )
                 raise
 
     return await bus.serve(LORA_WORKER, LoraJob, handle)
