@@ -56,7 +56,7 @@ def test_every_subject_routes_to_its_stream_or_to_core() -> None:
     assert stream_for(subjects.MODEL_VALIDATED) == "MODEL"
     assert stream_for(f"{subjects.LORA_DONE}.r1") == "LORA_DONE"
     assert stream_for(subjects.dead_letter_subject(subjects.MODEL_VALIDATED)) == "DLQ"
-    assert stream_for(subjects.progress_subject("r1")) is None  # live only
+    assert stream_for(subjects.RunNames("r1").progress_subject) is None  # live only
     assert stream_for(subjects.VALIDATION_CASE) is None
 
 
