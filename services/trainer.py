@@ -51,6 +51,7 @@ from shared.messages import (
     ValidationResult,
     utc_now,
 )
+from shared.modelfile import render_modelfile, sanitize_text
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def few_shot_messages(pairs: list[Pair], n: int, *, max_chars: int) -> list[Chat
     msgs: list[ChatMessage] = []
     used = 0
     for p in generator.select_examples(pairs, n):
-        user, assistant = generator.sanitize_text(p.prompt), generator.sanitize_text(p.completion)
+        user, assistant = sanitize_text(p.prompt), sanitize_text(p.completion)
         if used + len(user) + len(assistant) > max_chars and msgs:
             break
         used += len(user) + len(assistant)
@@ -353,7 +354,7 @@ class Trainer:
             new_model = new_model_name(s.base_model, state.ts)
             examples = few_shot_messages(train, s.max_examples, max_chars=s.example_budget_chars)
             records = generator.dataset_records(train, s.system_prompt)
-            modelfile = generator.render_modelfile(s.base_model, s.system_prompt, examples, {})
+            modelfile = render_modelfile(s.base_model, s.system_prompt, examples, {})
             files = generator.write_run_files(s.training_path, state.ts, records, modelfile)
         state.artifacts.update(dataset=str(files.dataset), modelfile=str(files.modelfile))
         report.new_model = new_model
@@ -493,7 +494,7 @@ class Trainer:
             CreateRequest(
                 model=new_model,
                 from_=s.base_model,
-                system=generator.sanitize_text(s.system_prompt),
+                system=sanitize_text(s.system_prompt),
                 messages=examples,
             ),
             on_progress=on_line,
