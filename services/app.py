@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.backend import Backend, open_backend
+from shared.backend import Backend
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,17 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("collector", "trainer", "validator", "config-updater", "lora-worker")
 # `all` is what one machine without a GPU needs; LoRA workers are started on purpose.
 ALL = ("collector", "trainer", "validator", "config-updater")
+
+
+def open_backend(settings: Settings) -> Backend:
+    """The backend the settings name; the in-process one (torch) is imported only when chosen."""
+    if settings.backend == "local":
+        from training.local_backend import LocalBackend
+
+        return LocalBackend(settings.data_path / "models", seed=settings.seed)
+    from shared.ollama import OllamaClient
+
+    return OllamaClient(settings.ollama)
 
 
 @dataclass
