@@ -138,7 +138,8 @@ def synthetic_base(records: list[dict[str, Any]], device: str) -> tuple[Any, Any
 def child(opts: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from training.base_weights import BaseWeights, bundled_smollm2_gguf, load_base
+    from shared.bundled import chat_gguf
+    from training.base_weights import BaseWeights, load_base
     from training.data import build_dataset
     from training.lora import TrainingArgs, attach_lora, train
 
@@ -148,7 +149,7 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
     if opts.base == "synthetic-0.5b":
         model, tok = synthetic_base(records, opts.device)
     else:
-        p = Path(opts.base) if opts.base else bundled_smollm2_gguf()
+        p = Path(opts.base) if opts.base else chat_gguf()
         weights = BaseWeights("gguf" if p.is_file() else "hf_dir", p, str(p))
         model, tok = load_base(weights, device=opts.device)
     data = build_dataset(tok, records, opts.max_length)

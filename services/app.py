@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared import subjects
-from shared.backend import Backend, open_backend
+from shared.backend import Backend
 from shared.bus import Expect
 from shared.messages import (
     DeadLetter,
@@ -37,6 +37,17 @@ log = logging.getLogger(__name__)
 
 IMPORT_WAIT_S = 600  # until the collector has stored every imported point
 ROLLBACK_WAIT_S = 30
+
+
+def open_backend(settings: Settings) -> Backend:
+    """The backend the settings name; the in-process one (torch) is imported only when chosen."""
+    if settings.backend == "local":
+        from training.local_backend import LocalBackend
+
+        return LocalBackend(settings.data_path / "models", seed=settings.seed)
+    from shared.ollama import OllamaClient
+
+    return OllamaClient(settings.ollama)
 
 
 @dataclass

@@ -154,15 +154,15 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         StaleConnectionError,
     )
 
+    from shared.backend import BackendError
     from shared.bus import BusError
     from shared.nats_server import NatsServerError
-    from shared.ollama import OllamaError
     from shared.settings import SettingsError
 
     return (
         UserFacingError,
         SettingsError,
-        OllamaError,
+        BackendError,
         BusError,
         NatsServerError,
         NoServersError,

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services import generator
 from shared.backend import Backend, ChatMessage, CreateProgress, CreateRequest, parse_parameters
 from shared.bus import Expect
 from shared.messages import LoraJob, LoraJobDone
+from shared.modelfile import sanitize_text
 from shared.settings import Settings
 from shared.subjects import LORA_JOBS, RunNames
 
@@ -52,7 +52,7 @@ async def create_message_model(
         CreateRequest(
             model=new_model,
             from_=s.base_model,
-            system=generator.sanitize_text(s.system_prompt),
+            system=sanitize_text(s.system_prompt),
             messages=examples,
         ),
         on_progress=_on_progress(status),

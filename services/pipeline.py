@@ -23,6 +23,7 @@ from shared.messages import (
     ValidationCase,
     ValidationResult,
 )
+from shared.modelfile import sanitize_text
 from shared.settings import Settings
 
 LOCAL_NUM_PREDICT = 96  # CPU generation: answers long enough to compare, short enough to wait for
@@ -83,7 +84,7 @@ def few_shot_messages(pairs: Sequence[Pair], n: int, *, max_chars: int) -> list[
     msgs: list[ChatMessage] = []
     used = 0
     for p in generator.select_examples(pairs, n):
-        user, assistant = generator.sanitize_text(p.prompt), generator.sanitize_text(p.completion)
+        user, assistant = sanitize_text(p.prompt), sanitize_text(p.completion)
         if used + len(user) + len(assistant) > max_chars and msgs:
             break
         used += len(user) + len(assistant)

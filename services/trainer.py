@@ -45,6 +45,7 @@ from shared.messages import (
     ValidationResult,
     utc_now,
 )
+from shared.modelfile import render_modelfile
 from shared.settings import Settings
 from shared.subjects import RunNames
 
@@ -264,7 +265,7 @@ class Trainer:
                 split.train, s.max_examples, max_chars=s.example_budget_chars
             )
             records = generator.dataset_records(split.train, s.system_prompt)
-            modelfile = generator.render_modelfile(s.base_model, s.system_prompt, examples, {})
+            modelfile = render_modelfile(s.base_model, s.system_prompt, examples, {})
             files = generator.write_run_files(s.training_path, run.names, records, modelfile)
         report.artifacts.update(dataset=str(files.dataset), modelfile=str(files.modelfile))
         report.new_model = new_model

@@ -1,8 +1,9 @@
 """The model-backend port: what the services need from an LLM server.
 
 Two implementations share it: `shared.ollama.OllamaClient` (a real Ollama server over HTTP) and
-`shared.runtime.LocalBackend` (in-process, same semantics for created models). The request and
-response shapes are Ollama's own JSON (reference: ../shared/reference/ollama-api.md).
+`training.local_backend.LocalBackend` (in-process, same semantics for created models). The request
+and response shapes are Ollama's own JSON (reference: ../shared/reference/ollama-api.md), and both
+report failures with the `BackendError` family below.
 """
 
 from __future__ import annotations
@@ -92,9 +93,35 @@ class ModelTag(msgspec.Struct, kw_only=True):
 ProgressCallback = Callable[[CreateProgress], Awaitable[None] | None]
 
 
+class BackendError(Exception):
+    """A call to the model backend failed. `status` is the HTTP status (None: no response); the
+    in-process backend uses the status Ollama would have answered."""
+
+    def __init__(
+        self, path: str, message: str, *, status: int | None = None, backend: str = ""
+    ) -> None:
+        self.path = path
+        self.status = status
+        self.message = message  # the server's own `error` text where there was one
+        where = f"{backend} {path}" if backend else path
+        super().__init__(f"{where}: " + (f"{status} " if status is not None else "") + message)
+
+
+class BackendUnavailable(BackendError):
+    """Transient: refused, dropped, timed out, 5xx (incl. 503 busy). Retrying may help."""
+
+
+class BackendRejected(BackendError):
+    """Permanent: the request was refused (4xx). Retrying cannot help."""
+
+
+class ModelNotFound(BackendRejected):
+    """404: unknown model or blob."""
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """What a model server offers. Errors: shared.ollama.OllamaError and subclasses."""
+    """What a model server offers. Errors: `BackendError` and its subclasses."""
 
     name: str  # "ollama" | "local"
 
@@ -159,14 +186,3 @@ def _number(raw: str) -> Any:
     if raw in ("true", "false"):
         return raw == "true"
     return raw
-
-
-def open_backend(settings: Any) -> Backend:
-    """The backend the settings name; heavy runtimes are imported only when chosen."""
-    if settings.backend == "local":
-        from shared.runtime import LocalBackend
-
-        return LocalBackend(settings.data_path / "models", seed=settings.seed)
-    from shared.ollama import OllamaClient
-
-    return OllamaClient(settings.ollama)

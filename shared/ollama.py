@@ -29,10 +29,14 @@ from tenacity import (
 )
 
 from shared.backend import (
+    BackendError,
+    BackendRejected,
+    BackendUnavailable,
     ChatMessage,
     ChatResponse,
     CreateProgress,
     CreateRequest,
+    ModelNotFound,
     ModelTag,
     ProgressCallback,
     ShowResponse,
@@ -41,6 +45,8 @@ from shared.backend import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+NAME = "ollama"  # the backend's name, also the prefix of its error messages
 
 _CHUNK = 1 << 20  # blob upload/hash chunk
 
@@ -57,37 +63,22 @@ class _Embed(msgspec.Struct):
     embeddings: list[list[float]] = []
 
 
-class OllamaError(Exception):
-    """A call to the model server failed. `status` is the HTTP status (None: no response)."""
-
-    def __init__(self, path: str, message: str, *, status: int | None = None) -> None:
-        self.path = path
-        self.status = status
-        self.message = message  # the server's own `error` text where there was one
-        where = f"ollama {path}: " + (f"{status} " if status is not None else "")
-        super().__init__(where + message)
-
-
-class OllamaUnavailable(OllamaError):
-    """Transient: refused, dropped, timed out, 5xx (incl. 503 busy). Retrying may help."""
-
-
-class OllamaRejected(OllamaError):
-    """Permanent: the server refused the request (4xx). Retrying cannot help."""
-
-
-class OllamaNotFound(OllamaRejected):
-    """404: unknown model or blob."""
-
-
-def error_for_status(path: str, status: int, message: str) -> OllamaError:
+def error_for_status(path: str, status: int, message: str) -> BackendError:
     if status == 404:
-        return OllamaNotFound(path, message, status=status)
+        return ModelNotFound(path, message, status=status, backend=NAME)
     if 400 <= status < 500:
-        return OllamaRejected(path, message, status=status)
+        return BackendRejected(path, message, status=status, backend=NAME)
     if status >= 500:
-        return OllamaUnavailable(path, message, status=status)
-    return OllamaError(path, message, status=status)
+        return BackendUnavailable(path, message, status=status, backend=NAME)
+    return BackendError(path, message, status=status, backend=NAME)
+
+
+def _unavailable(path: str, message: str) -> BackendUnavailable:
+    return BackendUnavailable(path, message, backend=NAME)
+
+
+def _error(path: str, message: str, *, status: int | None = None) -> BackendError:
+    return BackendError(path, message, status=status, backend=NAME)
 
 
 def _server_message(body: bytes, fallback: str) -> str:
@@ -122,7 +113,7 @@ async def _notify(cb: ProgressCallback | None, progress: CreateProgress) -> None
 class OllamaClient:
     """One connection pool to one server. Use as `async with OllamaClient(url) as c:`."""
 
-    name = "ollama"
+    name = NAME
 
     def __init__(
         self,
@@ -166,7 +157,7 @@ class OllamaClient:
         """A fresh retry policy per call: only transient errors, never 4xx."""
 
         def transient(exc: BaseException) -> bool:
-            return isinstance(exc, OllamaUnavailable) and (retry_if is None or retry_if(exc))
+            return isinstance(exc, BackendUnavailable) and (retry_if is None or retry_if(exc))
 
         initial, maximum = self._backoff
         return AsyncRetrying(
@@ -180,16 +171,16 @@ class OllamaClient:
     async def _send(
         self, method: str, path: str, *, json: Any = None, content: Any = None, **kw: Any
     ) -> httpx.Response:
-        """One HTTP exchange; transport failures and error statuses become OllamaError."""
+        """One HTTP exchange; transport failures and error statuses become BackendError."""
         if json is not None:
             content = msgspec.json.encode(json)
             kw.setdefault("headers", {})["Content-Type"] = "application/json"
         try:
             r = await self._http.request(method, path, content=content, **kw)
         except httpx.TimeoutException as exc:
-            raise OllamaUnavailable(path, f"timed out ({type(exc).__name__})") from exc
+            raise _unavailable(path, f"timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise OllamaUnavailable(path, f"{type(exc).__name__}: {exc}") from exc
+            raise _unavailable(path, f"{type(exc).__name__}: {exc}") from exc
         if r.is_error:
             raise error_for_status(path, r.status_code, _server_message(r.content, r.reason_phrase))
         return r
@@ -206,7 +197,7 @@ class OllamaClient:
                     return msgspec.json.decode(r.content, type=reply)
                 except msgspec.DecodeError as exc:
                     status = r.status_code
-                    raise OllamaError(path, f"unexpected reply: {exc}", status=status) from exc
+                    raise _error(path, f"unexpected reply: {exc}", status=status) from exc
         raise AssertionError("unreachable")
 
     # --- Backend ----------------------------------------------------------------------------
@@ -250,7 +241,7 @@ class OllamaClient:
             reply = await self._call("POST", "/api/embed", _Embed, json=body)
             assert reply is not None
             if len(reply.embeddings) != len(batch):
-                raise OllamaError(
+                raise _error(
                     "/api/embed", f"{len(reply.embeddings)} vectors for {len(batch)} inputs"
                 )
             out.extend(reply.embeddings)
@@ -280,7 +271,7 @@ class OllamaClient:
                     await _notify(on_progress, progress)
                 if last is None or last.status != "success":
                     status = last.status if last else "no output"
-                    raise OllamaUnavailable(path, f"stream ended without success (last: {status})")
+                    raise _unavailable(path, f"stream ended without success (last: {status})")
                 return
 
     @staticmethod
@@ -288,20 +279,20 @@ class OllamaClient:
         try:
             data = msgspec.json.decode(line)
         except msgspec.DecodeError as exc:
-            raise OllamaError(path, f"unreadable progress line {line[:200]!r}") from exc
+            raise _error(path, f"unreadable progress line {line[:200]!r}") from exc
         if not isinstance(data, dict):
-            raise OllamaError(path, f"unexpected progress line {line[:200]!r}")
+            raise _error(path, f"unexpected progress line {line[:200]!r}")
         if data.get("error"):
             message = str(data["error"])
             # Servers before v0.12.6 report early errors as HTTP 200 + {"error", "status": N}.
             status = data.get("status")
             if first and isinstance(status, int):
                 raise error_for_status(path, status, message)
-            raise OllamaError(path, message)
+            raise _error(path, message)
         try:
             return msgspec.convert(data, CreateProgress)
         except msgspec.ValidationError as exc:
-            raise OllamaError(path, f"unexpected progress line {line[:200]!r}") from exc
+            raise _error(path, f"unexpected progress line {line[:200]!r}") from exc
 
     async def _stream_lines(self, path: str, body: bytes) -> AsyncIterator[bytes]:
         try:
@@ -317,9 +308,9 @@ class OllamaClient:
                     if text.strip():
                         yield text.encode()
         except httpx.TimeoutException as exc:
-            raise OllamaUnavailable(path, f"timed out ({type(exc).__name__})") from exc
+            raise _unavailable(path, f"timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise OllamaUnavailable(path, f"{type(exc).__name__}: {exc}") from exc
+            raise _unavailable(path, f"{type(exc).__name__}: {exc}") from exc
 
     async def push_blob(self, path: Path) -> str:
         """Hash locally, HEAD the digest, POST the raw file only when the server lacks it."""
@@ -338,7 +329,7 @@ class OllamaClient:
                 try:
                     await self._send("HEAD", url)
                     return digest
-                except OllamaNotFound:
+                except ModelNotFound:
                     pass
                 # Content-Length keeps the upload un-chunked, as the server expects.
                 await self._send(
@@ -359,12 +350,12 @@ class OllamaClient:
                     # httpx.delete() cannot carry a body; the server needs DELETE + JSON.
                     await self._send("DELETE", path, json={"model": model})
                     return
-                except OllamaNotFound:
+                except ModelNotFound:
                     # An earlier attempt that timed out may have deleted it already.
                     if failed_before:
                         return
                     raise
-                except OllamaUnavailable:
+                except BackendUnavailable:
                     failed_before = True
                     raise
         raise AssertionError("unreachable")

@@ -20,6 +20,7 @@ import pytest
 from services import generator as G
 from shared.backend import ChatMessage
 from shared.messages import Pair
+from shared.modelfile import render_modelfile, sanitize_text
 from shared.subjects import RunNames
 
 # --- a port of the Modelfile grammar ------------------------------------------------------------
@@ -176,14 +177,14 @@ def modelfile_values(text: str) -> list[tuple[str, str]]:
         ChatMessage(role="assistant", content=text + " reply"),
         ChatMessage(role="system", content=text),
     ]
-    mf = G.render_modelfile("qwen3:0.6b", text, messages, {"temperature": 0.7, "stop": ["x"]})
+    mf = render_modelfile("qwen3:0.6b", text, messages, {"temperature": 0.7, "stop": ["x"]})
     return parse_modelfile(mf)
 
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_hostile_text_stays_inside_its_value(text: str) -> None:
     cmds = modelfile_values(text)
-    clean = G.sanitize_text(text)
+    clean = sanitize_text(text)
     assert [c for c, _ in cmds].count("model") == 1 and cmds[0] == ("model", "qwen3:0.6b")
     assert not any(c in ("adapter", "template", "license") for c, _ in cmds)
     assert [c for c, _ in cmds if c not in ("model", "message", "system")] == [
@@ -193,14 +194,14 @@ def test_hostile_text_stays_inside_its_value(text: str) -> None:
     systems = [a for c, a in cmds if c == "system"]
     assert systems == ([clean] if clean else [])
     messages = [a for c, a in cmds if c == "message"]
-    reply = G.sanitize_text(text + " reply")
+    reply = sanitize_text(text + " reply")
     assert messages == [f"user: {clean}", f"assistant: {reply}", f"system: {clean}"]
 
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_sanitized_text_properties(text: str) -> None:
-    clean = G.sanitize_text(text)
-    assert G.sanitize_text(clean) == clean  # idempotent
+    clean = sanitize_text(text)
+    assert sanitize_text(clean) == clean  # idempotent
     assert "\r" not in clean and "\x00" not in clean
     assert all(ch in "\n\t" or ch == " " or unicodedata.category(ch)[0] in "LMNPS" for ch in clean)
     for tok in ("<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</think>"):
@@ -210,12 +211,12 @@ def test_sanitized_text_properties(text: str) -> None:
 
 def test_sanitize_keeps_ordinary_text() -> None:
     text = '他说："你好"。\nShe said "hi" — ok?\n\tindented\n价格：90元'
-    assert G.sanitize_text(text) == text
-    assert G.sanitize_text('quote at the end "') == 'quote at the end "'
-    assert G.sanitize_text('a"""b') == 'a"""b'  # only a line *ending* in """ is changed
-    assert G.sanitize_text('ends"""') == 'ends""\u201d'
-    assert G.sanitize_text("x<|custom|>y", special_tokens=["<<X>>"]) == "xy"
-    assert G.sanitize_text("a<<X>>b", special_tokens=["<<X>>"]) == "ab"
+    assert sanitize_text(text) == text
+    assert sanitize_text('quote at the end "') == 'quote at the end "'
+    assert sanitize_text('a"""b') == 'a"""b'  # only a line *ending* in """ is changed
+    assert sanitize_text('ends"""') == 'ends""\u201d'
+    assert sanitize_text("x<|custom|>y", special_tokens=["<<X>>"]) == "xy"
+    assert sanitize_text("a<<X>>b", special_tokens=["<<X>>"]) == "ab"
 
 
 def test_real_chinese_and_english_text_round_trips() -> None:
@@ -225,7 +226,7 @@ def test_real_chinese_and_english_text_round_trips() -> None:
         'The attraction type for the Riverboat Georgina is " boat . "',
     ]
     for t in texts:
-        assert G.sanitize_text(t) == t.strip()
+        assert sanitize_text(t) == t.strip()
         assert modelfile_values(t)[1] == ("system", t.strip())
 
 
@@ -245,18 +246,18 @@ def test_real_chinese_and_english_text_round_trips() -> None:
 )
 def test_configuration_that_cannot_be_written_is_rejected(base: str, params: dict) -> None:
     with pytest.raises(ValueError):
-        G.render_modelfile(base, "s", [], params)
+        render_modelfile(base, "s", [], params)
 
 
 def test_roles_are_allow_listed() -> None:
     with pytest.raises(ValueError, match="role"):
-        G.render_modelfile("qwen3", "", [ChatMessage(role="tool", content="x")], {})
+        render_modelfile("qwen3", "", [ChatMessage(role="tool", content="x")], {})
     with pytest.raises(ValueError, match="role"):
-        G.render_modelfile("qwen3", "", [ChatMessage(role="User", content="x")], {})
+        render_modelfile("qwen3", "", [ChatMessage(role="User", content="x")], {})
 
 
 def test_parameters_render_and_parse_back() -> None:
-    mf = G.render_modelfile(
+    mf = render_modelfile(
         "qwen3:0.6b",
         "",
         [],
@@ -316,7 +317,7 @@ def test_select_examples_spreads_evenly() -> None:
 def test_write_run_files(tmp_path: Path) -> None:
     ps = [Pair(prompt="雍和宫在哪？", completion="北京。", point_id=1)]
     records = G.dataset_records(ps, "sys")
-    mf = G.render_modelfile("qwen3:0.6b", "sys", G.chat_messages(ps), {})
+    mf = render_modelfile("qwen3:0.6b", "sys", G.chat_messages(ps), {})
     out = tmp_path / "data" / "training"
     files = G.write_run_files(out, RunNames("20250303_072252"), records, mf)
     assert files.dataset == out / "train_data_20250303_072252.jsonl"

@@ -18,12 +18,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from shared.bundled import chat_gguf
 from shared.messages import LoraHyperparams, LoraJob, LoraJobDone, TrainingProgress
 from shared.settings import Settings
 from shared.subjects import LORA_JOBS, RunNames
 from training.base_weights import (
     BaseWeightsUnavailable,
-    bundled_smollm2_gguf,
     manifest_path,
     resolve_base_weights,
 )
@@ -84,7 +84,7 @@ def one_cpu_thread() -> Any:
 def tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    gguf = bundled_smollm2_gguf()
+    gguf = chat_gguf()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
@@ -92,7 +92,7 @@ def tokenizer() -> Any:
 def base() -> tuple[Any, Any]:
     from training.base_weights import load_base
 
-    return load_base(bundled_smollm2_gguf(), device="cpu")
+    return load_base(chat_gguf(), device="cpu")
 
 
 def fresh(base: tuple[Any, Any]) -> Any:
@@ -390,7 +390,7 @@ def test_manifest_paths_follow_ollama_names(tmp_path: Path) -> None:
 async def test_ollama_blob_resolves_from_fake_models_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blob = fake_ollama_store(tmp_path, "smollm2", "135m", blob=bundled_smollm2_gguf())
+    blob = fake_ollama_store(tmp_path, "smollm2", "135m", blob=chat_gguf())
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
     found = await resolve_base_weights("smollm2:135m", base_weights="/nowhere.gguf")
     assert found.kind == "gguf" and found.path == blob and found.gguf == blob
@@ -401,7 +401,7 @@ async def test_show_is_asked_and_manifest_still_used(tmp_path: Path, ollama_doub
     from shared.ollama import OllamaClient
     from tests.ollama_double import Model
 
-    blob = fake_ollama_store(tmp_path, "smollm2", "135m", blob=bundled_smollm2_gguf())
+    blob = fake_ollama_store(tmp_path, "smollm2", "135m", blob=chat_gguf())
     ollama_double.add_model(Model(name="smollm2:135m"))
     async with OllamaClient(ollama_double.url, attempts=1) as client:
         found = await resolve_base_weights("smollm2:135m", backend=client, models_dir=tmp_path)
@@ -437,7 +437,7 @@ async def test_unavailable_weights_say_what_was_tried(tmp_path: Path) -> None:
             await resolve_base_weights("qwen3:0.6b", models_dir=tmp_path, base_weights=given)
     # a readable GGUF given by the user is taken when Ollama's blob is not readable
     copy_path = tmp_path / "base.gguf"
-    shutil.copyfile(bundled_smollm2_gguf(), copy_path)
+    shutil.copyfile(chat_gguf(), copy_path)
     got = await resolve_base_weights("qwen3:0.6b", models_dir=tmp_path, base_weights=str(copy_path))
     assert got.kind == "gguf" and got.path == copy_path.resolve()
     assert any("does not exist" in t for t in got.tried)
@@ -445,7 +445,7 @@ async def test_unavailable_weights_say_what_was_tried(tmp_path: Path) -> None:
 
 async def test_local_backend_uses_the_bundled_smollm2() -> None:
     found = await resolve_base_weights("smollm2:135m", backend_name="local")
-    assert found.path == bundled_smollm2_gguf() and found.kind == "gguf"
+    assert found.path == chat_gguf() and found.kind == "gguf"
 
 
 # --- worker over a real nats-server ----------------------------------------------------------

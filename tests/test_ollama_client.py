@@ -9,14 +9,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.backend import Backend, ChatMessage, CreateProgress, CreateRequest
-from shared.ollama import (
-    OllamaClient,
-    OllamaError,
-    OllamaNotFound,
-    OllamaRejected,
-    OllamaUnavailable,
+from shared.backend import (
+    Backend,
+    BackendError,
+    BackendRejected,
+    BackendUnavailable,
+    ChatMessage,
+    CreateProgress,
+    CreateRequest,
+    ModelNotFound,
 )
+from shared.ollama import OllamaClient
 from tests.ollama_double import Fault, OllamaDouble, hashed_embedding
 
 BASE = "qwen3:0.6b"
@@ -64,7 +67,7 @@ async def test_retries_stop_after_attempts_with_server_message(
 ) -> None:
     ollama_double.faults.add("/api/chat", Fault.error(503), times=10)
     async with client(ollama_double, attempts=3) as c:
-        with pytest.raises(OllamaUnavailable) as info:
+        with pytest.raises(BackendUnavailable) as info:
             await c.chat(BASE, HELLO)
     assert info.value.status == 503
     assert "server busy" in info.value.message
@@ -77,14 +80,14 @@ async def test_unreachable_server_is_unavailable() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     async with OllamaClient(f"http://127.0.0.1:{port}", attempts=2, backoff_s=0.01) as c:
-        with pytest.raises(OllamaUnavailable) as info:
+        with pytest.raises(BackendUnavailable) as info:
             await c.version()
     assert info.value.status is None
 
 
 async def test_404_is_not_retried(ollama_double: OllamaDouble) -> None:
     async with client(ollama_double) as c:
-        with pytest.raises(OllamaNotFound) as info:
+        with pytest.raises(ModelNotFound) as info:
             await c.chat("nope", HELLO)
     assert str(info.value) == "ollama /api/chat: 404 model 'nope' not found"
     assert ollama_double.count("/api/chat") == 1
@@ -92,10 +95,10 @@ async def test_404_is_not_retried(ollama_double: OllamaDouble) -> None:
 
 async def test_400_is_not_retried(ollama_double: OllamaDouble) -> None:
     async with client(ollama_double) as c:
-        with pytest.raises(OllamaRejected) as info:
+        with pytest.raises(BackendRejected) as info:
             await c.chat("smollm2:135m", HELLO, think=True)  # no thinking capability
     assert info.value.status == 400
-    assert not isinstance(info.value, OllamaNotFound)
+    assert not isinstance(info.value, ModelNotFound)
     assert "does not support thinking" in info.value.message
     assert ollama_double.count("/api/chat") == 1
 
@@ -154,7 +157,7 @@ async def test_create_midstream_error_raises_server_message_without_retry(
 ) -> None:
     ollama_double.faults.add("/api/create", Fault.midstream("write manifest: disk full"))
     async with client(ollama_double) as c:
-        with pytest.raises(OllamaError) as info:
+        with pytest.raises(BackendError) as info:
             await c.create(CreateRequest(model="me:v1", from_=BASE, system="x"))
     assert info.value.message == "write manifest: disk full"
     assert ollama_double.count("/api/create") == 1  # output had started: not re-sent
@@ -166,7 +169,7 @@ async def test_create_from_unknown_base_fails_after_pulling_manifest(
 ) -> None:
     seen: list[str] = []
     async with client(ollama_double) as c:
-        with pytest.raises(OllamaError, match="pull model manifest: file does not exist"):
+        with pytest.raises(BackendError, match="pull model manifest: file does not exist"):
             await c.create(
                 CreateRequest(model="me:v1", from_="missing:1b"),
                 on_progress=lambda p: seen.append(p.status),
@@ -178,7 +181,7 @@ async def test_create_from_unknown_base_fails_after_pulling_manifest(
 async def test_create_stream_without_success_line_raises(ollama_double: OllamaDouble) -> None:
     ollama_double.faults.add("/api/create", Fault.cut())
     async with client(ollama_double) as c:
-        with pytest.raises(OllamaError, match="without success"):
+        with pytest.raises(BackendError, match="without success"):
             await c.create(CreateRequest(model="me:v1", from_=BASE))
     assert ollama_double.count("/api/create") == 1
 
@@ -194,7 +197,7 @@ async def test_create_retried_when_failing_before_output(ollama_double: OllamaDo
 
 async def test_create_rejection_is_not_retried(ollama_double: OllamaDouble) -> None:
     async with client(ollama_double) as c:
-        with pytest.raises(OllamaRejected, match="neither 'from' or 'files' was specified"):
+        with pytest.raises(BackendRejected, match="neither 'from' or 'files' was specified"):
             await c.create(CreateRequest(model="me:v1", system="only a system"))
     assert ollama_double.count("/api/create") == 1
 
@@ -221,7 +224,7 @@ async def test_delete_is_http_delete_with_json_body(ollama_double: OllamaDouble)
         await c.copy(BASE, "me:copy")
         assert ollama_double.find("me:copy") is not None
         await c.delete("me:copy")
-        with pytest.raises(OllamaNotFound, match="model 'me:copy' not found"):
+        with pytest.raises(ModelNotFound, match="model 'me:copy' not found"):
             await c.delete("me:copy")
     deletes = [r for r in ollama_double.requests if r.path == "/api/delete"]
     assert [(r.method, r.body) for r in deletes] == [("DELETE", {"model": "me:copy"})] * 2
@@ -230,7 +233,7 @@ async def test_delete_is_http_delete_with_json_body(ollama_double: OllamaDouble)
 
 async def test_copy_unknown_source_is_not_found(ollama_double: OllamaDouble) -> None:
     async with client(ollama_double) as c:
-        with pytest.raises(OllamaNotFound):
+        with pytest.raises(ModelNotFound):
             await c.copy("ghost:1b", "me:copy")
 
 
@@ -279,6 +282,6 @@ async def test_embed_batches_in_order(ollama_double: OllamaDouble) -> None:
 
 async def test_embed_unknown_model_is_not_found(ollama_double: OllamaDouble) -> None:
     async with client(ollama_double) as c:
-        with pytest.raises(OllamaNotFound, match="try pulling it first"):
+        with pytest.raises(ModelNotFound, match="try pulling it first"):
             await c.embed("ghost-embedder", ["x"])
     assert ollama_double.count("/api/embed") == 1

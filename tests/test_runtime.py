@@ -17,20 +17,22 @@ import pytest
 
 from shared.backend import (
     Backend,
+    BackendError,
+    BackendRejected,
     ChatMessage,
     ChatResponse,
     CreateProgress,
     CreateRequest,
+    ModelNotFound,
     parse_parameters,
 )
-from shared.ollama import OllamaError, OllamaNotFound, OllamaRejected
-from shared.runtime import (
+from shared.bundled import chat_gguf
+from training.local_backend import LocalBackend
+from training.local_semantics import (
     DEFAULT_NUM_PREDICT,
     GenerationOptions,
-    LocalBackend,
     ModelRecord,
     build_prompt_messages,
-    builtin_chat_gguf,
     cut_at_stop,
     fit_messages,
     format_parameters,
@@ -103,7 +105,7 @@ def test_defaults_are_greedy_and_short() -> None:
     ],
 )
 def test_wrong_option_types_are_rejected(options: dict[str, object], message: str) -> None:
-    with pytest.raises(OllamaRejected) as err:
+    with pytest.raises(BackendRejected) as err:
         resolve_options(None, options)
     assert err.value.message == message and err.value.status == 400
 
@@ -120,7 +122,7 @@ def test_names_get_latest_tag_and_bad_names_are_rejected() -> None:
     assert normalize_name("mindx-left") == "mindx-left:latest"
     assert normalize_name("ns/model:v1.2") == "ns/model:v1.2"
     for bad in ("", "-x", "a b", "x:", "x:/y"):
-        with pytest.raises(OllamaRejected):
+        with pytest.raises(BackendRejected):
             normalize_name(bad)
 
 
@@ -129,7 +131,7 @@ def test_digests_must_be_sha256_hex() -> None:
     assert parse_digest(f"sha256:{hexd}") == hexd.lower()
     assert parse_digest(f"sha256-{hexd}") == hexd.lower()
     for bad in ("", "sha256:xyz", f"md5:{hexd}", hexd):
-        with pytest.raises(OllamaRejected, match="invalid digest format"):
+        with pytest.raises(BackendRejected, match="invalid digest format"):
             parse_digest(bad)
 
 
@@ -302,27 +304,27 @@ async def test_create_show_tags_copy_delete_persist_across_instances(tmp_path: P
     names = {t.name for t in await third.tags()}
     assert "mindx-left:latest" not in names and "backup:1" in names
     assert (await third.show("backup:1")).system == "Answer briefly."
-    with pytest.raises(OllamaNotFound):
+    with pytest.raises(ModelNotFound):
         await third.show("mindx-left")
-    with pytest.raises(OllamaNotFound):
+    with pytest.raises(ModelNotFound):
         await third.delete("mindx-left")
-    with pytest.raises(OllamaNotFound):
+    with pytest.raises(ModelNotFound):
         await third.copy("mindx-left", "other")
 
 
 async def test_unknown_models_and_missing_files_give_clear_errors(
     unloaded: LocalBackend, tmp_path: Path
 ) -> None:
-    with pytest.raises(OllamaNotFound, match="model 'no-such-model' not found"):
+    with pytest.raises(ModelNotFound, match="model 'no-such-model' not found"):
         await unloaded.chat("no-such-model", [user("hi")])
-    with pytest.raises(OllamaNotFound):
+    with pytest.raises(ModelNotFound):
         await unloaded.show("no-such-model")
     missing = tmp_path / "nowhere" / "model.gguf"
-    with pytest.raises(OllamaNotFound, match=re.escape("nowhere/model.gguf")):
+    with pytest.raises(ModelNotFound, match=re.escape("nowhere/model.gguf")):
         await unloaded.chat(str(missing), [user("hi")])
-    with pytest.raises(OllamaNotFound, match=re.escape("nowhere/model.gguf")):
+    with pytest.raises(ModelNotFound, match=re.escape("nowhere/model.gguf")):
         await unloaded.create(CreateRequest(model="x", from_=str(missing)))
-    with pytest.raises(OllamaRejected, match="does not support thinking"):
+    with pytest.raises(BackendRejected, match="does not support thinking"):
         await unloaded.chat(BASE, [user("hi")], think=True)
     with pytest.raises(FileNotFoundError):
         await unloaded.push_blob(missing)
@@ -330,7 +332,7 @@ async def test_unknown_models_and_missing_files_give_clear_errors(
     writer = gguf.GGUFWriter(alien, "nosucharch")
     writer.add_tensor("t", np.ones(4, dtype=np.float32))
     write_gguf(writer)
-    with pytest.raises(OllamaError, match="architecture nosucharch is not supported"):
+    with pytest.raises(BackendError, match="architecture nosucharch is not supported"):
         await unloaded.chat(str(alien), [user("hi")])
 
 
@@ -356,7 +358,7 @@ async def test_create_validates_like_ollama(unloaded: LocalBackend, tmp_path: Pa
         (CreateRequest(model=BASE, from_=BASE), "built-in"),
     ]
     for request, message in cases:
-        with pytest.raises(OllamaRejected, match=message):
+        with pytest.raises(BackendRejected, match=message):
             await unloaded.create(request)
     assert [t.name for t in await unloaded.tags()] == [BASE]  # nothing half-created
 
@@ -378,7 +380,7 @@ async def test_model_from_an_uploaded_gguf_answers_like_its_source(
     backend: LocalBackend,
 ) -> None:
     """The merged-export path: a whole GGUF model uploaded as a blob (loads a second copy)."""
-    digest = await backend.push_blob(builtin_chat_gguf())
+    digest = await backend.push_blob(chat_gguf())
     await backend.create(CreateRequest(model="merged", files={"model.gguf": digest}))
     question = [user("What is the capital of France?")]
     from_blob = await ask(backend, "merged", question)
@@ -393,18 +395,18 @@ async def test_lora_adapter_changes_the_model_and_leaves_the_base_clean(
 ) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from shared import runtime
+    from training import local_models
     from training.gguf_lora import export_adapter
 
     question = [user("What is the capital of France?")]
     before = await ask(backend, BASE, question)
-    base = next(v for k, v in runtime._BASES.items() if k[0] == str(builtin_chat_gguf()))
+    base = next(v for k, v in local_models._BASES.items() if k[0] == str(chat_gguf()))
     # A random (non-zero) LoRA: any real adapter must move the greedy answer this much.
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     peft_model = get_peft_model(copy.deepcopy(base.model), config)
-    adapter = export_adapter(peft_model, builtin_chat_gguf(), tmp_path / "adapter.gguf")
+    adapter = export_adapter(peft_model, chat_gguf(), tmp_path / "adapter.gguf")
     del peft_model
 
     digest = await backend.push_blob(adapter)
@@ -429,7 +431,7 @@ async def test_a_broken_adapter_fails_at_chat_not_silently(
     write_gguf(writer)
     digest = await backend.push_blob(path)
     await backend.create(CreateRequest(model="broken", from_=BASE, adapters={"a.gguf": digest}))
-    with pytest.raises(OllamaError, match="applying adapter"):
+    with pytest.raises(BackendError, match="applying adapter"):
         await ask(backend, "broken", [user("hi")])
 
 
@@ -446,5 +448,5 @@ async def test_embeddings_are_normalized_and_similar_texts_score_higher(
     again = await backend.embed("all-minilm-l6-v2", texts[:1])
     np.testing.assert_allclose(again[0], vectors[0], atol=1e-5)  # batching changes nothing
     assert await backend.embed("all-minilm:latest", []) == []
-    with pytest.raises(OllamaNotFound, match="not found"):
+    with pytest.raises(ModelNotFound, match="not found"):
         await backend.embed("no-such-embedder", ["x"])

