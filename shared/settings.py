@@ -13,14 +13,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+from shared import bundled
 from shared.messages import ExportMode, LoraHyperparams, Mode
 
 Backend = Literal["ollama", "local"]
 
 DEFAULT_OLLAMA_EMBED_MODEL = "qllama/bge-small-zh-v1.5:latest"
-DEFAULT_LOCAL_EMBED_MODEL = "all-minilm-l6-v2"
+DEFAULT_LOCAL_EMBED_MODEL = bundled.EMBED_NAMES[0]
 DEFAULT_OLLAMA_BASE = "qwen3:0.6b"
-DEFAULT_LOCAL_BASE = "smollm2:135m"
+DEFAULT_LOCAL_BASE = bundled.CHAT_NAMES[0]
 
 # Environment names used by the wider ecosystem, besides MINDX_<FIELD>.
 _ENV_ALIASES = {"nats": "NATS_URL", "ollama": "OLLAMA_HOST"}
