@@ -107,8 +107,11 @@ async def test_publish_stores_captured_subjects_and_sends_the_rest_live(bus: Bus
 # --- request / reply ----------------------------------------------------------------------------
 
 
+RUN_ID = "20250101_120000"
+
+
 def case(i: int) -> ValidationCase:
-    return ValidationCase(run_id="r1", case_id=i, model="m", prompt="p", expected="e")
+    return ValidationCase(run_id=RUN_ID, case_id=i, model="m", prompt="p", expected="e")
 
 
 async def test_a_queue_group_shares_requests(nats_server: EmbeddedNats, bus: Bus) -> None:
