@@ -1,0 +1,111 @@
+"""Forged `lora.jobs` and `training.requested` from anyone on the bus: dead-lettered, no effect.
+
+A real nats-server, the real worker and trainer consumers, and the strict Ollama double: a run id
+that is not one never becomes a path, a base model outside the name grammar never reaches a
+Modelfile or the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import LoraJob, LoraJobDone
+from shared.names import InvalidName
+from shared.settings import Settings
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root (files with their bytes), to prove nothing changed."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = None
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            out[os.path.relpath(full, root)] = Path(full).read_bytes()
+    return out
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """Someone else's run directory, beside the worker's workdir."""
+    v = tmp_path / "fs" / "victim"
+    (v / "checkpoints").mkdir(parents=True)
+    (v / "checkpoints" / "step-100.pt").write_bytes(b"weeks of training")
+    (v / "notes.txt").write_text("mine")
+    return v
+
+
+def job_bytes(run_id: str) -> bytes:
+    return msgspec.json.encode(
+        {"run_id": run_id, "dataset_object": f"{run_id}/train_data.jsonl", "base_model": "m"}
+    )
+
+
+async def test_jobs_whose_run_id_is_a_path_are_dead_lettered_and_touch_nothing(
+    bus: Bus, tmp_path: Path, victim: Path
+) -> None:
+    from training.worker import serve
+
+    fs = tmp_path / "fs"
+    work = fs / "work"
+    # a valid run id whose directory someone planted as a link to the victim
+    work.mkdir(mode=0o700)
+    (work / "20250101_000000").symlink_to(victim, target_is_directory=True)
+    before = tree(fs)
+    done: list[LoraJobDone] = []
+
+    async def on_done(d: LoraJobDone) -> None:
+        done.append(d)
+
+    await bus.subscribe(f"{subjects.LORA_DONE}.>", LoraJobDone, on_done)
+    forged = [str(victim), "../victim", "../../fs/victim", "20250101_000000/../../victim", "."]
+    for run_id in forged:
+        await bus.publish_raw(subjects.LORA_JOBS, job_bytes(run_id))
+    await bus.publish_raw(subjects.LORA_JOBS, job_bytes("20250101_000000"))  # the planted link
+    service = await serve(bus, Settings(data_dir=tmp_path / "data"), workdir=work)
+    try:
+        await bus.wait_idle(subjects.LORA_WORKER, timeout=30)
+    finally:
+        await service.stop()
+
+    letters = await bus.dead_letters(subject=subjects.LORA_JOBS)
+    assert [json.loads(dl.data)["run_id"] for dl in letters] == [*forged, "20250101_000000"]
+    for dl in letters[:-1]:
+        assert dl.error.startswith("decode: ") and "$.run_id" in dl.error, dl.error
+        assert dl.deliveries == 1
+    assert letters[-1].error.startswith("rejected: run dir of '20250101_000000' leaves ")
+    assert letters[-1].deliveries == 1
+    assert tree(fs) == before  # nothing removed, nothing written, the victim's files intact
+    await bus.nc.flush()
+    assert done == []  # no lora.done for a run that is not one
+
+
+@pytest.mark.parametrize("run_id", ["../victim", "<absolute>", "", "a/b"])
+async def test_run_job_refuses_a_path_before_touching_anything(
+    bus: Bus, tmp_path: Path, victim: Path, run_id: str
+) -> None:
+    from training.worker import run_job
+
+    fs = tmp_path / "fs"
+    run_id = str(victim) if run_id == "<absolute>" else run_id
+    before = tree(fs)
+    job = LoraJob(run_id=run_id, dataset_object="d", base_model="m")  # built here: not decoded
+    with pytest.raises(InvalidName, match="invalid run id"):
+        await run_job(job, bus, Settings(data_dir=tmp_path / "data"), workdir=fs / "work")
+    assert tree(fs) == before
+
+
+def test_a_valid_run_dir_is_a_child_of_the_workdir(tmp_path: Path) -> None:
+    from training.worker import run_dir
+
+    assert run_dir(tmp_path / "w", "20250101_000000_0a9f") == (tmp_path / "w").resolve() / (
+        "20250101_000000_0a9f"
+    )
