@@ -110,7 +110,9 @@ async def _trainer(bus: Any, res: Resources) -> list[Any]:
 async def _validator(bus: Any, res: Resources) -> list[Any]:
     from services import validator
 
-    return [await validator.serve(bus, await res.backend(), await res.embedder())]
+    backend, embedder = await res.backend(), await res.embedder()
+    system = res.settings.validation_system
+    return [await validator.serve(bus, backend, embedder, system=system)]
 
 
 async def _config_updater(bus: Any, res: Resources) -> list[Any]:

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from shared.names import ModelName, RunId
+from shared.names import MODEL_NAME_PATTERN, RUN_ID_PATTERN, ModelName, RunId
 
 Mode = Literal["message", "lora"]
 RunStatus = Literal[
@@ -333,9 +333,24 @@ _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 T = TypeVar("T")
 
 
+# A dead letter's reason names the grammar a value broke, not its regex.
+_GRAMMARS = {
+    f"`str` matching regex {MODEL_NAME_PATTERN!r}": "a model name [host/][namespace/]model[:tag]",
+    f"`str` matching regex {RUN_ID_PATTERN!r}": "a run id YYYYMMDD_HHMMSS[_xxxx]",
+}
+
+
 def decode(data: bytes, typ: type[T]) -> T:
     """Decode `data` as `typ`; raises msgspec.ValidationError/DecodeError with a clear message."""
     dec = _decoders.get(typ)
     if dec is None:
         dec = _decoders[typ] = msgspec.json.Decoder(typ)
-    return dec.decode(data)
+    try:
+        return dec.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        for regex, grammar in _GRAMMARS.items():
+            text = text.replace(regex, grammar)
+        if text == str(exc):
+            raise
+        raise msgspec.ValidationError(text) from None
