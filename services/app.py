@@ -118,7 +118,8 @@ async def _validator(bus: Any, res: Resources) -> list[Any]:
 async def _config_updater(bus: Any, res: Resources) -> list[Any]:
     from services import config_updater
 
-    return await config_updater.serve(bus, res.settings)
+    # the backend only answers whether a validated model exists
+    return await config_updater.serve(bus, res.settings, await res.backend())
 
 
 async def _lora_worker(bus: Any, res: Resources) -> list[Any]:
