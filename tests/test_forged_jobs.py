@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,50 @@ async def test_a_configured_base_model_outside_the_grammar_fails_the_run_first(
     assert not list(settings.training_path.glob("Modelfile_*"))
     assert not list(settings.training_path.glob("train_data_*"))
     assert await bus.get_record(subjects.RUNS, report.run_id, RunRecord) is None
+
+
+# --- lora.done ----------------------------------------------------------------------------------
+
+
+def temp_dirs(prefix: str) -> list[Path]:
+    return sorted(Path(tempfile.gettempdir()).glob(f"{prefix}*"))
+
+
+@pytest.mark.parametrize(
+    "artifacts",
+    [
+        {"adapter": "../../victim/adapter.gguf"},
+        {"adapter": "20240101_000000/adapter.gguf"},  # another run's artifact
+        {"merged": "20250101_000009/adapter.gguf"},  # not what that kind is called
+        {"script": "20250101_000009/run.sh"},
+    ],
+)
+async def test_a_lora_done_naming_foreign_artifacts_fails_the_run_before_any_fetch(
+    bus: Bus, tmp_path: Path, ollama_double: Any, artifacts: dict[str, str]
+) -> None:
+    from services.model_builder import create_lora_model
+    from shared.bus import Delivery
+    from shared.ollama import OllamaClient
+    from shared.subjects import RunNames
+
+    names = RunNames("20250101_000009")
+
+    async def forger(job: LoraJob, delivery: Delivery) -> None:  # answers instead of a worker
+        done = LoraJobDone(run_id=job.run_id, ok=True, artifacts=artifacts)
+        await bus.publish(names.lora_done_subject, done)
+
+    await bus.serve(subjects.LORA_WORKER, LoraJob, forger)
+    dataset = tmp_path / "train_data.jsonl"
+    dataset.write_text('{"messages": []}\n')
+    settings = Settings(mode="lora", data_dir=tmp_path / "data", ollama=ollama_double.url)
+
+    async def status(line: str) -> None:
+        pass
+
+    async with OllamaClient(ollama_double.url) as client:
+        with pytest.raises(RuntimeError, match="an artifact this run never makes"):
+            await create_lora_model(
+                bus, client, settings, names, names.model_name("qwen3:0.6b"), dataset, status
+            )
+    assert no_backend_use(ollama_double)
+    assert temp_dirs(f"mindx-lora-{names.run_id}-") == []  # nothing fetched, nothing left
