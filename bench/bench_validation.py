@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 from services.validator import validate_cases
@@ -25,7 +26,7 @@ from shared import subjects
 from shared.backend import ChatMessage
 from shared.bus import Bus
 from shared.embeddings import Embedder
-from shared.messages import ValidationCase, ValidationResult
+from shared.messages import RunRecord, ValidationCase, ValidationResult
 from shared.nats_server import EmbeddedNats
 from shared.ollama import OllamaClient
 from tests.ollama_double import OllamaDouble
@@ -34,11 +35,27 @@ EMBED_MODEL = "qllama/bge-small-zh-v1.5:latest"
 CHAT_MODEL = "qwen3:0.6b"
 
 
+def run_id(label: str) -> str:
+    """A run id per round (validators serve only runs the trainer registered)."""
+    return f"20250101_000000_{zlib.crc32(label.encode()) & 0xFFFF:04x}"
+
+
+async def register(bus: Bus, label: str) -> None:
+    record = RunRecord(
+        run_id=run_id(label),
+        stage="running",
+        mode="message",
+        base_model=CHAT_MODEL,
+        new_model=CHAT_MODEL,
+    )
+    await bus.put_record(subjects.RUNS, record.run_id, record)
+
+
 def make_cases(run: str, n: int) -> list[ValidationCase]:
     # distinct texts per round so no embedding cache helps a later round
     return [
         ValidationCase(
-            run_id=run,
+            run_id=run_id(run),
             case_id=i,
             model=CHAT_MODEL,
             prompt=f"[{run}] Is there a cheap hotel in the north of town, number {i}?",
@@ -79,6 +96,7 @@ async def wait_for_validators(bus: Bus, k: int) -> None:
     i = 0
     while len(seen) < k and time.monotonic() < deadline:
         i += 1
+        await register(bus, f"warm{i}")
         case = make_cases(f"warm{i}", 1)[0]
         try:
             r = await bus.request(subjects.VALIDATION_CASE, case, ValidationResult, timeout=5)
@@ -96,6 +114,7 @@ async def with_processes(
         procs = start_validators(k, nats_url, ollama_url, Path(tmp))
         try:
             await wait_for_validators(bus, k)
+            await register(bus, f"k{k}")
             cases = make_cases(f"k{k}", n)
             t0 = time.perf_counter()
             results = await validate_cases(bus, cases, concurrency=per * k, timeout_s=30)

@@ -110,13 +110,16 @@ async def _trainer(bus: Any, res: Resources) -> list[Any]:
 async def _validator(bus: Any, res: Resources) -> list[Any]:
     from services import validator
 
-    return [await validator.serve(bus, await res.backend(), await res.embedder())]
+    backend, embedder = await res.backend(), await res.embedder()
+    system = res.settings.validation_system
+    return [await validator.serve(bus, backend, embedder, system=system)]
 
 
 async def _config_updater(bus: Any, res: Resources) -> list[Any]:
     from services import config_updater
 
-    return await config_updater.serve(bus, res.settings)
+    # the backend only answers whether a validated model exists
+    return await config_updater.serve(bus, res.settings, await res.backend())
 
 
 async def _lora_worker(bus: Any, res: Resources) -> list[Any]:

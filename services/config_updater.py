@@ -9,6 +9,11 @@ Three layers, top to bottom:
 * `ConfigUpdater` and `serve`: the bus handlers for `model.validated` and
   `model.rollback.requested`, publishing `model.updated` / `model.update_failed`.
 
+Only a verified `model.validated` is applied (`RunVerifier`): the trainer's run record for its run
+id must say the same (decision, models, scores) and the new model must exist on the backend.
+Anything else is dead-lettered with the reason and leaves the config untouched; the names in it
+have already been checked against the name grammar while decoding.
+
 The app owns `models.json`. When it does not exist yet (a fresh machine), the first update starts
 from `{"brain": {"left": <base>}, "models": []}` so the app finds a config that names the new
 model; there is nothing to back up in that case, so `backup_path` is null.
@@ -36,10 +41,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from shared import subjects
+from shared.backend import ModelNotFound
+from shared.bus import Rejected
 from shared.files import atomic_write, create_new, timestamp
-from shared.messages import ModelUpdated, ModelUpdateFailed, ModelValidated, RollbackRequested
+from shared.messages import (
+    ModelUpdated,
+    ModelUpdateFailed,
+    ModelValidated,
+    RollbackRequested,
+    RunRecord,
+)
 
 if TYPE_CHECKING:
+    from shared.backend import Backend
     from shared.bus import Bus, Delivery, Service
     from shared.settings import Settings
 
@@ -130,6 +144,41 @@ def apply_left_model(
     else:
         models.append(entry)
     return out, previous
+
+
+# what a model.validated must share with its run record
+RECORD_FIELDS = (
+    "mode",
+    "base_model",
+    "new_model",
+    "improved",
+    "base_score",
+    "new_score",
+    "base_accuracy",
+    "new_accuracy",
+    "cases",
+)
+
+
+def record_mismatch(ev: ModelValidated, record: RunRecord | None) -> str | None:
+    """Why `ev` is not what the trainer decided for its run, or None when it matches."""
+    if record is None:
+        return f"run {ev.run_id} has no run record: no trainer decided it"
+    if record.stage == "running":
+        return f"run {ev.run_id} is still running: nothing was decided"
+    differ = [
+        f"{name} {_short(getattr(ev, name))} (run record: {_short(getattr(record, name))})"
+        for name in RECORD_FIELDS
+        if getattr(ev, name) != getattr(record, name)
+    ]
+    if differ:
+        return f"run {ev.run_id} does not match its run record: " + "; ".join(differ)
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:80] + "…"
 
 
 def _split_key(key_path: str) -> list[str]:
@@ -340,6 +389,35 @@ class Publisher(Protocol):
     ) -> None: ...
 
 
+class ModelMissing(Rejected):
+    """A run whose record matches named a model the backend does not have."""
+
+
+class Verifier(Protocol):
+    async def verify(self, ev: ModelValidated) -> None:
+        """Return when `ev` may be applied; raise Rejected with the reason when not."""
+        ...
+
+
+class RunVerifier:
+    """A `model.validated` is genuine when the trainer's run record says the same and the new
+    model exists on the backend."""
+
+    def __init__(self, bus: Bus, backend: Backend) -> None:
+        self.bus = bus
+        self.backend = backend
+
+    async def verify(self, ev: ModelValidated) -> None:
+        record = await self.bus.get_record(subjects.RUNS, ev.run_id, RunRecord)
+        why = record_mismatch(ev, record)
+        if why is not None:
+            raise Rejected(why)
+        try:
+            await self.backend.show(ev.new_model)
+        except ModelNotFound as exc:
+            raise ModelMissing(f"model {ev.new_model} is not on the backend ({exc})") from exc
+
+
 class ConfigUpdater:
     """Handlers for `model.validated` and `model.rollback.requested`.
 
@@ -352,11 +430,13 @@ class ConfigUpdater:
         self,
         bus: Publisher,
         *,
+        verifier: Verifier,
         config_path: Path,
         key_path: str = "brain.left",
         keep_backups: int = 10,
     ) -> None:
         self.bus = bus
+        self.verifier = verifier
         self.config_path = Path(config_path)
         self.key_path = key_path
         self.keep_backups = keep_backups
@@ -373,6 +453,11 @@ class ConfigUpdater:
                 ev.base_model,
             )
             return
+        try:
+            await self.verifier.verify(ev)  # Rejected: dead-lettered, nothing else happens
+        except ModelMissing as exc:  # a genuine run: its trainer waits for an answer
+            await self._failed(ev.run_id, exc)
+            raise
         async with self._lock:
             try:
                 event = self._apply(ev)
@@ -518,10 +603,11 @@ class ConfigUpdater:
         save_applied(self.config_path, runs)
 
 
-async def serve(bus: Bus, settings: Settings) -> list[Service]:
+async def serve(bus: Bus, settings: Settings, backend: Backend) -> list[Service]:
     """Start both durable consumers; the caller stops the returned services."""
     updater = ConfigUpdater(
         bus,
+        verifier=RunVerifier(bus, backend),
         config_path=settings.config_path,
         key_path=settings.left_key,
         keep_backups=settings.keep_backups,

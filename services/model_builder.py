@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 StatusSink = Callable[[str], Awaitable[None]]  # one line of create progress, for the run's events
 
+# kind → file name: the only artifacts a lora.done may name, each under its run's own keys
+LORA_ARTIFACTS = {"adapter": "adapter.gguf", "merged": "merged.gguf", "metrics": "metrics.json"}
 LORA_EXPORT_SLACK_S = 1800  # beyond the training budget: export and uploads
 LORA_DEFAULT_BUDGET_S = 6 * 3600
 
@@ -92,10 +94,14 @@ async def create_lora_model(
     result = await run_lora_job(bus, s, names, dataset)
     if not result.ok:
         raise RuntimeError(f"LoRA job failed on {result.worker or 'a worker'}: {result.error}")
+    for kind, key in result.artifacts.items():
+        filename = LORA_ARTIFACTS.get(kind)
+        if filename is None or key != names.artifact_object(filename):
+            raise RuntimeError(f"lora.done names an artifact this run never makes: {kind}={key!r}")
     workdir = Path(tempfile.mkdtemp(prefix=f"mindx-lora-{names.run_id}-"))
     files: dict[str, Path] = {}
     for kind, key in result.artifacts.items():
-        files[kind] = await bus.get_object(key, workdir / Path(key).name)
+        files[kind] = await bus.get_object(key, workdir / LORA_ARTIFACTS[kind])
     metrics = dict(result.metrics)
     if "metrics" in files:
         metrics.update(json.loads(files["metrics"].read_text()))

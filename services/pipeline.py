@@ -18,13 +18,16 @@ from shared.messages import (
     FunnelStage,
     ModelValidated,
     Pair,
+    RunRecord,
     RunStatus,
     TrainingRequested,
     ValidationCase,
     ValidationResult,
 )
 from shared.modelfile import sanitize_text
+from shared.names import check_model_name
 from shared.settings import Settings
+from shared.subjects import RunNames
 
 LOCAL_NUM_PREDICT = 96  # CPU generation: answers long enough to compare, short enough to wait for
 
@@ -34,9 +37,23 @@ class RunSkipped(Exception):
 
 
 def run_settings(settings: Settings, req: TrainingRequested) -> Settings:
-    """The service's settings with the request's overrides; raises SettingsError on bad values."""
+    """The service's settings with the request's overrides; raises SettingsError on bad values
+    and InvalidName on a base model outside the name grammar (before it reaches a Modelfile)."""
     changes = {"mode": req.mode, "model": req.base_model, "min_corpus": req.min_corpus}
-    return settings.replace(**{k: v for k, v in changes.items() if v is not None})
+    s = settings.replace(**{k: v for k, v in changes.items() if v is not None})
+    check_model_name(s.base_model)
+    return s
+
+
+def started_record(names: RunNames, s: Settings) -> RunRecord:
+    """The run record while the run is in progress: validators serve its two models."""
+    return RunRecord(
+        run_id=names.run_id,
+        stage="running",
+        mode=s.mode,
+        base_model=s.base_model,
+        new_model=names.model_name(s.base_model),
+    )
 
 
 def check_collected(pairs: Sequence[Pair], s: Settings, *, force: bool) -> None:
@@ -191,4 +208,21 @@ def validated_event(
         report_path=report_path,
         reason=verdict.decision.reason,
         request_id=request_id,
+    )
+
+
+def validated_record(ev: ModelValidated) -> RunRecord:
+    """The run record once decided: what the config updater checks `model.validated` against."""
+    return RunRecord(
+        run_id=ev.run_id,
+        stage="validated",
+        mode=ev.mode,
+        base_model=ev.base_model,
+        new_model=ev.new_model,
+        improved=ev.improved,
+        base_score=ev.base_score,
+        new_score=ev.new_score,
+        base_accuracy=ev.base_accuracy,
+        new_accuracy=ev.new_accuracy,
+        cases=ev.cases,
     )

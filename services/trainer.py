@@ -36,6 +36,7 @@ from shared.messages import (
     ModelUpdateFailed,
     ModelValidated,
     Pair,
+    RunRecord,
     RunReport,
     TrainingFinished,
     TrainingProgress,
@@ -102,6 +103,7 @@ class Run:
     report: RunReport
     bus: Bus
     started: datetime = field(default_factory=utc_now)
+    record: RunRecord | None = None  # the run's entry in the RUNS bucket, once written
 
     @property
     def run_id(self) -> str:
@@ -204,6 +206,7 @@ class Trainer:
                     backend=s.backend,
                 ),
             )
+            await self._record(run, pipeline.started_record(names, s))
             await self._run(run)
         except pipeline.RunSkipped as exc:
             run.report.status = "skipped"
@@ -213,6 +216,14 @@ class Trainer:
             run.report.status = "failed"
             run.report.error = f"{type(exc).__name__}: {exc}"
         report = run.report
+        if run.record is not None:  # validators stop serving it; a late model.validated matches
+            try:
+                finished = msgspec.structs.replace(
+                    run.record, stage="finished", status=report.status, at=utc_now()
+                )
+                await self._record(run, finished)
+            except Exception:
+                log.warning("run %s: the run record still says %s", names.run_id, run.record.stage)
         report.request_id, report.start_time = req.request_id, run.started
         report.end_time = utc_now()
         report.artifacts.update(
@@ -298,6 +309,7 @@ class Trainer:
             report_path=str(s.training_path / run.names.report_json_file),
             request_id=req.request_id,
         )
+        await self._record(run, pipeline.validated_record(validated))
         async with run.stage("update_config"):
             if not verdict.decision.improved:
                 await self.bus.publish(
@@ -314,6 +326,11 @@ class Trainer:
             else:
                 report.status = "success_config_failed"
                 report.error = outcome
+
+    async def _record(self, run: Run, record: RunRecord) -> None:
+        """Write the run record: what validators and the config updater trust about the run."""
+        await self.bus.put_record(subjects.RUNS, run.run_id, record)
+        run.record = record
 
     async def _create(
         self, run: Run, new_model: str, examples: list[ChatMessage], dataset: Path

@@ -38,9 +38,11 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    KeyValueConfig,
     StorageType,
     StreamConfig,
 )
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -49,6 +51,7 @@ from shared.bus_consumer import (
     Delivery,
     PullConsumer,
     Puller,
+    Rejected,
     Service,
     backoff_delay,
 )
@@ -57,6 +60,7 @@ from shared.subjects import (
     DEAD_LETTER_PREFIX,
     LORA_OBJECT_BUCKET,
     STREAMS,
+    BucketSpec,
     ConsumerSpec,
     StreamSpec,
     dead_letter_subject,
@@ -73,6 +77,7 @@ __all__ = [
     "Expect",
     "NoRespondersError",
     "ObjectNotFoundError",
+    "Rejected",
     "RemoteError",
     "RequestTimeoutError",
     "Service",
@@ -185,6 +190,7 @@ class Bus:
         self._js = nc.jetstream()
         self._services: list[Service] = []
         self._objects: ObjectStore | None = None
+        self._buckets: dict[str, KeyValue] = {}
 
     @property
     def nc(self) -> Client:
@@ -557,6 +563,10 @@ class Bus:
                 return
             try:
                 answer = await handler(request)
+            except Rejected as exc:
+                log.warning("refused a request on %s: %s", msg.subject, exc)
+                await fail(msg, "403", f"refused: {exc}")
+                return
             except Exception as exc:
                 log.exception("responder for %s failed", msg.subject)
                 await fail(msg, "500", repr(exc))
@@ -632,3 +642,36 @@ class Bus:
                 os.unlink(tmp)
             raise
         return dest
+
+    # --- key-value records --------------------------------------------------------------------
+
+    async def _kv(self, spec: BucketSpec, *, create: bool) -> KeyValue | None:
+        if spec.name not in self._buckets:
+            try:
+                self._buckets[spec.name] = await self._js.key_value(spec.name)
+            except nats.js.errors.BucketNotFoundError:
+                if not create:
+                    return None
+                config = KeyValueConfig(spec.name, ttl=spec.max_age_s, storage=StorageType.FILE)
+                self._buckets[spec.name] = await self._js.create_key_value(config)
+        return self._buckets[spec.name]
+
+    async def put_record(self, spec: BucketSpec, key: str, payload: msgspec.Struct) -> int:
+        """Store `payload` under `key` (replacing the older value); returns its revision."""
+        try:
+            kv = await self._kv(spec, create=True)
+            assert kv is not None  # created when missing
+            return await kv.put(key, encode(payload))
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot store {key!r} in bucket {spec.name}: {exc!r}") from exc
+
+    async def get_record(self, spec: BucketSpec, key: str, typ: type[T]) -> T | None:
+        """The value under `key` as `typ`; None when there is none. BusError when unreadable."""
+        try:
+            kv = await self._kv(spec, create=False)
+            entry = await kv.get(key) if kv is not None else None
+            return decode(entry.value or b"", typ) if entry is not None else None
+        except nats.js.errors.KeyNotFoundError:  # KeyDeletedError too
+            return None
+        except (nats.errors.Error, msgspec.DecodeError) as exc:
+            raise BusError(f"cannot read {key!r} from bucket {spec.name}: {exc!r}") from exc

@@ -38,6 +38,11 @@ DESCRIPTION_HEADER = "Description"
 _MAX_DEAD_LETTER_DATA = 256 * 1024
 
 
+class Rejected(Exception):
+    """A handler refuses its message for good (forged, forbidden, unverifiable): it is
+    dead-lettered at once with this reason and never retried; a responder answers with it."""
+
+
 class RawPublish(Protocol):
     """How a consumer publishes its dead letters (`Bus.publish_raw`)."""
 
@@ -382,7 +387,9 @@ class PullConsumer(Generic[T]):
 
     async def _failed(self, msg: Msg, tries: int, exc: Exception) -> None:
         spec = self.spec
-        if tries >= spec.max_deliver:
+        if isinstance(exc, Rejected):
+            await self._dead_letter(msg, f"rejected: {exc}", tries)
+        elif tries >= spec.max_deliver:
             log.error(
                 "%s: giving up on %s after %d tries: %r", spec.durable, msg.subject, tries, exc
             )

@@ -2,20 +2,24 @@
 
 JSON on the wire, decoded into typed msgspec Structs. Unknown fields are ignored (producers in
 other languages may add fields); new fields always get defaults, existing types never change.
+Run ids and model names are checked while decoding (`shared.names`): a message with a bad one
+never reaches its handler and goes to the dead-letter stream.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
+
+from shared.names import MODEL_NAME_PATTERN, RUN_ID_PATTERN, ModelName, RunId
 
 Mode = Literal["message", "lora"]
 RunStatus = Literal[
     "success", "completed_no_improvement", "success_config_failed", "skipped", "failed"
 ]
-RunId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+RunStage = Literal["running", "validated", "finished"]
 
 
 def utc_now() -> datetime:
@@ -60,7 +64,7 @@ class TrainingRequested(Payload, kw_only=True, frozen=True):
 
     request_id: str | None = None  # a repeated id starts no second run
     mode: Mode | None = None
-    base_model: str | None = None
+    base_model: ModelName | None = None
     min_corpus: int | None = None
     force: bool = False
     since: datetime | None = None  # overrides the watermark
@@ -70,7 +74,7 @@ class TrainingStarted(Payload, kw_only=True, frozen=True):
     run_id: RunId
     request_id: str | None = None
     mode: Mode
-    base_model: str
+    base_model: ModelName
     backend: str = "ollama"
     at: datetime = msgspec.field(default_factory=utc_now)
 
@@ -104,8 +108,8 @@ class TrainingFinished(Payload, kw_only=True, frozen=True):
 
 class ModelValidated(Payload, kw_only=True, frozen=True):
     run_id: RunId
-    base_model: str
-    new_model: str
+    base_model: ModelName
+    new_model: ModelName
     mode: Mode
     base_score: float
     new_score: float
@@ -145,13 +149,33 @@ class RollbackRequested(Payload, kw_only=True, frozen=True):
     backup: str | None = None
 
 
+class RunRecord(Payload, kw_only=True, frozen=True):
+    """The trainer's record of a run (bucket `mindx-runs`, key = run id), written when the run
+    starts, when it is decided and when it ends. Validators serve only cases of a `running` run
+    and its two models; the config updater applies only a `model.validated` that matches it."""
+
+    run_id: RunId
+    stage: RunStage
+    mode: Mode
+    base_model: ModelName
+    new_model: ModelName
+    improved: bool = False
+    base_score: float | None = None
+    new_score: float | None = None
+    base_accuracy: float | None = None
+    new_accuracy: float | None = None
+    cases: int = 0
+    status: RunStatus | None = None  # once finished
+    at: datetime = msgspec.field(default_factory=utc_now)
+
+
 # --- validation (core NATS request/reply, queue group) ------------------------------------------
 
 
 class ValidationCase(Payload, kw_only=True, frozen=True):
     run_id: RunId
     case_id: int
-    model: str
+    model: ModelName
     prompt: str
     expected: str
     system: str | None = None  # None: the model's own SYSTEM applies
@@ -195,7 +219,7 @@ class LoraHyperparams(msgspec.Struct, kw_only=True, frozen=True):
 class LoraJob(Payload, kw_only=True, frozen=True):
     run_id: RunId
     dataset_object: str  # object-store key of the train_data jsonl
-    base_model: str
+    base_model: ModelName
     base_weights: str | None = None  # GGUF path, HF dir or HF id; None: resolve on the worker
     hyperparams: LoraHyperparams = LoraHyperparams()
 
@@ -309,9 +333,24 @@ _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 T = TypeVar("T")
 
 
+# A dead letter's reason names the grammar a value broke, not its regex.
+_GRAMMARS = {
+    f"`str` matching regex {MODEL_NAME_PATTERN!r}": "a model name [host/][namespace/]model[:tag]",
+    f"`str` matching regex {RUN_ID_PATTERN!r}": "a run id YYYYMMDD_HHMMSS[_xxxx]",
+}
+
+
 def decode(data: bytes, typ: type[T]) -> T:
     """Decode `data` as `typ`; raises msgspec.ValidationError/DecodeError with a clear message."""
     dec = _decoders.get(typ)
     if dec is None:
         dec = _decoders[typ] = msgspec.json.Decoder(typ)
-    return dec.decode(data)
+    try:
+        return dec.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        for regex, grammar in _GRAMMARS.items():
+            text = text.replace(regex, grammar)
+        if text == str(exc):
+            raise
+        raise msgspec.ValidationError(text) from None

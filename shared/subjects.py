@@ -97,6 +97,7 @@ class RunNames:
         """`qwen3:0.6b` → `mindx-qwen3-0.6b:20261126-120501` (a valid Ollama name)."""
         stem = base_model.rsplit("/", 1)[-1]
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "model"
+        stem = stem[: 80 - len("mindx-")].rstrip("-.")  # a name part is at most 80 characters
         return f"mindx-{stem}:{self.run_id.replace('_', '-')}"
 
 
@@ -135,6 +136,18 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("LORA_DONE", [f"{LORA_DONE}.>"], max_age_s=7 * 24 * 3600),
     StreamSpec("DLQ", [f"{DEAD_LETTER_PREFIX}.>"], max_age_s=90 * 24 * 3600),
 )
+
+
+# --- key-value buckets ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class BucketSpec:
+    name: str
+    max_age_s: float | None = None
+
+
+# run id → the trainer's RunRecord: what validators and the config updater check messages against;
+# kept longer than the MODEL stream keeps a model.validated
+RUNS = BucketSpec("mindx-runs", max_age_s=90 * 24 * 3600)
 
 
 # --- durable consumers ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from shared.bus import (
     Expect,
     NoRespondersError,
     ObjectNotFoundError,
+    Rejected,
     RemoteError,
     RequestTimeoutError,
     stream_for,
@@ -107,8 +108,11 @@ async def test_publish_stores_captured_subjects_and_sends_the_rest_live(bus: Bus
 # --- request / reply ----------------------------------------------------------------------------
 
 
+RUN_ID = "20250101_120000"
+
+
 def case(i: int) -> ValidationCase:
-    return ValidationCase(run_id="r1", case_id=i, model="m", prompt="p", expected="e")
+    return ValidationCase(run_id=RUN_ID, case_id=i, model="m", prompt="p", expected="e")
 
 
 async def test_a_queue_group_shares_requests(nats_server: EmbeddedNats, bus: Bus) -> None:
@@ -163,6 +167,41 @@ async def test_request_errors_are_distinct(bus: Bus) -> None:
     assert info.value.code == "400"
     with pytest.raises(RequestTimeoutError):
         await bus.request(subjects.VALIDATION_CASE, case(2), ValidationResult, timeout=0.3)
+
+
+async def test_a_refusing_responder_answers_403_with_its_reason(bus: Bus) -> None:
+    async def refuse(c: ValidationCase) -> ValidationResult:
+        raise Rejected(f"run {c.run_id} is not in progress")
+
+    await bus.reply(subjects.VALIDATION_CASE, ValidationCase, refuse)
+    with pytest.raises(RemoteError, match=f"refused: run {RUN_ID} is not in progress") as info:
+        await bus.request(subjects.VALIDATION_CASE, case(1), ValidationResult, timeout=5)
+    assert info.value.code == "403"
+
+
+# --- key-value records --------------------------------------------------------------------------
+
+BUCKET = subjects.BucketSpec("test-records", max_age_s=3600)
+
+
+async def test_records_are_stored_replaced_and_read_back(nats_server: EmbeddedNats, bus: Bus):
+    assert await bus.get_record(BUCKET, "k1", Done) is None  # no bucket yet: nothing there
+    first = await bus.put_record(BUCKET, "k1", Done(run_id="k1", value=1))
+    second = await bus.put_record(BUCKET, "k1", Done(run_id="k1", value=2))
+    assert second > first
+    assert await bus.get_record(BUCKET, "k1", Done) == Done(run_id="k1", value=2)
+    assert await bus.get_record(BUCKET, "k2", Done) is None
+    other = await Bus.connect(nats_server.url, name="reader")  # another process sees it
+    try:
+        assert await other.get_record(BUCKET, "k1", Done) == Done(run_id="k1", value=2)
+        with pytest.raises(BusError, match="cannot read 'k1'"):
+            await other.get_record(BUCKET, "k1", Failed)  # not that type
+        with pytest.raises(BusError):
+            await other.get_record(BUCKET, "../k1", Done)  # not a key
+    finally:
+        await other.close()
+    info = await bus.js.stream_info(f"KV_{BUCKET.name}")
+    assert info.config.max_age == 3600 and info.config.storage == StorageType.FILE
 
 
 # --- publish and wait ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from shared import subjects
-from shared.bus import Bus, Delivery, RequestTimeoutError, backoff_delay
+from shared.bus import Bus, Delivery, Rejected, RequestTimeoutError, backoff_delay
 from shared.messages import MemoryPoint
 from shared.nats_server import EmbeddedNats
 from shared.subjects import ConsumerSpec
@@ -108,6 +108,30 @@ async def test_a_handler_that_keeps_failing_ends_in_the_dead_letter_stream(bus: 
     ]
     assert all(dl.deliveries == 3 and dl.consumer == "failing" for dl in letters)
     assert msgspec.json.decode(letters[0].data)["id"] == 42
+
+
+async def test_a_rejected_message_is_dead_lettered_at_once_with_its_reason(bus: Bus) -> None:
+    s = spec("rejecting", max_deliver=5)
+    tries: list[tuple[int, int]] = []
+    kept: list[int] = []
+
+    async def handler(p: MemoryPoint, delivery: Delivery) -> None:
+        tries.append((p.id, delivery.num_delivered))
+        if p.id == 66:
+            raise Rejected(f"point {p.id} is forged")
+        kept.append(p.id)
+
+    await bus.serve(s, MemoryPoint, handler)
+    for i in (65, 66, 67):
+        await bus.publish(subjects.MEMORY_POINT_CREATED, point(i))
+    await bus.wait_idle(s, timeout=15)
+
+    assert sorted(tries) == [(65, 1), (66, 1), (67, 1)]  # never retried
+    assert kept == [65, 67]
+    [letter] = await bus.dead_letters()
+    assert letter.error == "rejected: point 66 is forged"
+    assert (letter.deliveries, letter.consumer) == (1, "rejecting")
+    assert msgspec.json.decode(letter.data)["id"] == 66
 
 
 async def test_a_transient_failure_is_retried_with_one_effect(bus: Bus) -> None:

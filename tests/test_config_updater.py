@@ -26,8 +26,11 @@ from services.config_updater import (
     rollback,
     write_config,
 )
+from services.pipeline import validated_record
 from shared import subjects
+from shared.backend import CreateRequest
 from shared.messages import ModelUpdated, ModelUpdateFailed, ModelValidated, RollbackRequested
+from shared.ollama import OllamaClient
 
 # A config with keys in an order no sorter would produce, nested values and non-ASCII text.
 APP_CONFIG = {
@@ -49,7 +52,10 @@ APP_CONFIG = {
 }
 
 
-def validated(run_id: str = "run-1", new: str = "mindx-left-1", improved: bool = True):
+RUN_1 = "20250401_120001"
+
+
+def validated(run_id: str = RUN_1, new: str = "mindx-left-1", improved: bool = True):
     return ModelValidated(
         run_id=run_id,
         base_model="qwen3:0.6b",
@@ -325,8 +331,17 @@ def test_rollback_repairs_a_broken_config(config_file: Path):
 # --- handlers (recording publisher) -------------------------------------------------------------
 
 
+class Trusting:
+    """A verifier that accepts every run: these tests are about the files."""
+
+    async def verify(self, ev: ModelValidated) -> None:
+        return None
+
+
 def updater(path: Path, pub: Recorder, keep: int = 10) -> ConfigUpdater:
-    return ConfigUpdater(pub, config_path=path, key_path="brain.left", keep_backups=keep)
+    return ConfigUpdater(
+        pub, verifier=Trusting(), config_path=path, key_path="brain.left", keep_backups=keep
+    )
 
 
 async def test_improved_model_is_applied_with_a_backup_and_announced(config_file: Path):
@@ -341,7 +356,7 @@ async def test_improved_model_is_applied_with_a_backup_and_announced(config_file
     assert raw(backup) == old
     [ev] = pub.on(subjects.MODEL_UPDATED)
     assert (ev.run_id, ev.role, ev.model, ev.previous_model) == (
-        "run-1",
+        RUN_1,
         "left",
         "mindx-left-1",
         "qwen3:0.6b",
@@ -351,7 +366,7 @@ async def test_improved_model_is_applied_with_a_backup_and_announced(config_file
         str(backup),
         False,
     )
-    assert pub.sent[0][2] == "model.updated.run-1"  # JetStream dedupes a republish
+    assert pub.sent[0][2] == f"model.updated.{RUN_1}"  # JetStream dedupes a republish
 
 
 async def test_redelivery_makes_no_second_backup_or_event(config_file: Path):
@@ -386,7 +401,7 @@ async def test_crash_before_the_config_write_reuses_the_first_backup(config_file
     old = raw(config_file)
     backup = backup_config(config_file, at=datetime(2025, 4, 1))
     runs = {
-        "run-1": cu.AppliedRun(
+        RUN_1: cu.AppliedRun(
             model="mindx-left-1", previous_model="qwen3:0.6b", backup_path=str(backup)
         )
     }
@@ -414,7 +429,7 @@ async def test_invalid_json_publishes_update_failed_and_returns(config_file: Pat
     pub = Recorder()
     await updater(config_file, pub).on_model_validated(validated(), None)  # no raise: ack
     [failed] = pub.on(subjects.MODEL_UPDATE_FAILED)
-    assert failed.run_id == "run-1"
+    assert failed.run_id == RUN_1
     assert "invalid JSON" in failed.error and "models.json" in failed.error
     assert text(config_file) == '{"brain": {"left": '
     assert pub.on(subjects.MODEL_UPDATED) == []
@@ -436,7 +451,7 @@ async def test_a_failed_write_publishes_update_failed_and_leaves_no_trace(
     assert "No space left" in failed.error
     assert raw(config_file) == before
     assert list_backups(config_file) == []
-    assert "run-1" not in cu.load_applied(config_file)
+    assert RUN_1 not in cu.load_applied(config_file)
     monkeypatch.undo()  # disk freed: a new delivery of the same run applies it
     await updater(config_file, pub).on_model_validated(validated(), None)
     assert len(pub.on(subjects.MODEL_UPDATED)) == 1
@@ -473,7 +488,7 @@ async def test_successive_runs_prune_old_backups(config_file: Path, monkeypatch)
     pub = Recorder()
     up = updater(config_file, pub, keep=3)
     for i in range(5):
-        await up.on_model_validated(validated(run_id=f"run-{i}", new=f"m{i}"), None)
+        await up.on_model_validated(validated(run_id=f"20250401_13000{i}", new=f"m{i}"), None)
     backups = list_backups(config_file)
     assert len(backups) == 3
     assert [json.loads(text(b))["brain"]["left"] for b in backups] == ["m3", "m2", "m1"]
@@ -552,19 +567,27 @@ async def _drain_until_sentinel(bus, q: asyncio.Queue) -> list[ModelUpdated]:
     return out
 
 
-async def test_service_applies_once_and_announces_over_nats(bus, tmp_path: Path):
+async def decided(bus, client, ev: ModelValidated) -> None:
+    """What a trainer's run leaves before its model.validated: the model, and its run record."""
+    await client.create(CreateRequest(model=ev.new_model, from_=ev.base_model))
+    await bus.put_record(subjects.RUNS, ev.run_id, validated_record(ev))
+
+
+async def test_service_applies_once_and_announces_over_nats(bus, tmp_path: Path, ollama_double):
     from shared.settings import Settings
 
     path = tmp_path / "models.json"
     put(path, render_config(APP_CONFIG))
     settings = Settings(config=path, keep_backups=10)
     updated = await _collect(bus, subjects.MODEL_UPDATED, ModelUpdated)
-    services = await cu.serve(bus, settings)
+    client = OllamaClient(ollama_double.url)
+    services = await cu.serve(bus, settings, client)
+    await decided(bus, client, validated())
     try:
         await bus.publish(subjects.MODEL_VALIDATED, validated())
         ev = await asyncio.wait_for(updated.get(), 10)
         assert (ev.run_id, ev.model, ev.previous_model, ev.rolled_back) == (
-            "run-1",
+            RUN_1,
             "mindx-left-1",
             "qwen3:0.6b",
             False,
@@ -572,7 +595,7 @@ async def test_service_applies_once_and_announces_over_nats(bus, tmp_path: Path)
         assert json.loads(text(path))["brain"]["left"] == "mindx-left-1"
 
         await bus.publish(subjects.MODEL_VALIDATED, validated())  # a duplicate delivery
-        await bus.publish(subjects.MODEL_VALIDATED, validated("run-2", improved=False))
+        await bus.publish(subjects.MODEL_VALIDATED, validated("20250401_120002", improved=False))
         await bus.wait_idle(subjects.CONFIG_UPDATER, timeout=10)
         assert await _drain_until_sentinel(bus, updated) == []
         assert len(list_backups(path)) == 1
@@ -584,22 +607,26 @@ async def test_service_applies_once_and_announces_over_nats(bus, tmp_path: Path)
     finally:
         for s in services:
             await s.stop()
+        await client.aclose()
 
 
-async def test_service_reports_a_broken_config_and_moves_on(bus, tmp_path: Path):
+async def test_service_reports_a_broken_config_and_moves_on(bus, tmp_path: Path, ollama_double):
     from shared.settings import Settings
 
     path = tmp_path / "models.json"
     put(path, "not json")
     failed = await _collect(bus, subjects.MODEL_UPDATE_FAILED, ModelUpdateFailed)
-    services = await cu.serve(bus, Settings(config=path))
+    client = OllamaClient(ollama_double.url)
+    services = await cu.serve(bus, Settings(config=path), client)
+    await decided(bus, client, validated())
     try:
         await bus.publish(subjects.MODEL_VALIDATED, validated())
         ev = await asyncio.wait_for(failed.get(), 10)
-        assert ev.run_id == "run-1" and "invalid JSON" in ev.error
+        assert ev.run_id == RUN_1 and "invalid JSON" in ev.error
         await bus.wait_idle(subjects.CONFIG_UPDATER, timeout=10)  # acked, not redelivered
         assert await bus.dead_letters() == []
         assert text(path) == "not json"
     finally:
         for s in services:
             await s.stop()
+        await client.aclose()

