@@ -24,6 +24,7 @@ import msgspec
 
 from shared.backend import BackendError, BackendRejected, ChatMessage, ModelNotFound
 from shared.modelfile import render_commands
+from shared.names import InvalidName, normalize_model_name
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +200,11 @@ def show_modelfile(record: ModelRecord, template: str) -> str:
 
 
 def normalize_name(name: str) -> str:
-    """`[host/][ns/]model[:tag]` with `latest` as the default tag; 400 when malformed."""
-    name = name.strip()
-    path, sep, tag = name.rpartition(":")
-    if not sep or "/" in tag:
-        path, tag = name, "latest"
-    parts = path.split("/")
-    if not all(_NAME_PART.match(p) for p in parts) or not _NAME_PART.match(tag):
-        raise rejected(f"invalid model name {name!r}")
-    return f"{path}:{tag}"
+    """`[host/][namespace/]model[:tag]` with `latest` as the default tag; 400 when malformed."""
+    try:
+        return normalize_model_name(name.strip())
+    except InvalidName:
+        raise rejected(f"invalid model name {name!r}") from None
 
 
 def parse_digest(digest: str) -> str:
