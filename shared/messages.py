@@ -34,10 +34,14 @@ class MemoryPoint(Payload, kw_only=True, frozen=True):
 
     id: int
     content: str
-    keywords: list[str] = []
+    keywords: list[str] | None = []  # null (Go's nil slice) reads as []
     summary: str | None = ""
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.keywords is None:
+            msgspec.structs.force_setattr(self, "keywords", [])
 
 
 class Pair(msgspec.Struct, kw_only=True, frozen=True):
@@ -310,8 +314,15 @@ T = TypeVar("T")
 
 
 def decode(data: bytes, typ: type[T]) -> T:
-    """Decode `data` as `typ`; raises msgspec.ValidationError/DecodeError with a clear message."""
+    """Decode `data` as `typ`; raises msgspec.ValidationError/DecodeError with a clear message.
+
+    An empty body is the empty object: a payload whose fields all have defaults may be sent
+    with no body at all (e.g. a Go `nc.Publish(subject, nil)`); any other type then names the
+    first missing field.
+    """
     dec = _decoders.get(typ)
     if dec is None:
         dec = _decoders[typ] = msgspec.json.Decoder(typ)
+    if not data or data.isspace():
+        data = b"{}"
     return dec.decode(data)
