@@ -259,7 +259,8 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(
             f"points {stats['points']}  pairs {stats['pairs']}  "
-            f"pairs since watermark {stats['pairs_since_watermark']}"
+            f"pairs since watermark {stats['pairs_since_watermark']}  "
+            f"points without pairs {stats['points_without_pairs']}"
         )
     return EXIT_OK
 
