@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_dlq_list)
 
+    p = sub.add_parser("schema", help="JSON Schema of every subject's payload, as one document")
+    p.set_defaults(func=cmd_schema, debug=False)
+
     p = sub.add_parser("report", help="summary of a run report (default: the latest)")
     _common(p)
     p.add_argument("run_id", nargs="?")
@@ -298,6 +301,13 @@ async def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
             print("no dead letters")
         for r in rows:
             print(f"{r['at']}  {r['subject']}  {r['error']}\n    {r['data'][:200]}")
+    return EXIT_OK
+
+
+async def cmd_schema(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.subjects import contract_schema
+
+    print(json.dumps(contract_schema(), indent=2, ensure_ascii=False))
     return EXIT_OK
 
 
