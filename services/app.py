@@ -340,6 +340,14 @@ async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
     return outcome
 
 
+async def init(settings: Settings) -> tuple[str, list[str]]:
+    """Declare every stream on the configured bus, so what producers publish before any
+    service starts is kept; returns the bus URL and the stream names."""
+    async with connect(settings) as bus:
+        await bus.ensure_streams()
+        return bus.url, [spec.name for spec in subjects.STREAMS]
+
+
 async def dead_letters(settings: Settings) -> list[DeadLetter]:
     async with connect(settings) as bus:
         return await bus.dead_letters()

@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_dlq_list)
 
+    p = sub.add_parser("init", help="declare every stream on the bus, before any service runs")
+    _common(p)
+    p.set_defaults(func=cmd_init)
+
     p = sub.add_parser("schema", help="JSON Schema of every subject's payload, as one document")
     p.set_defaults(func=cmd_schema, debug=False)
 
@@ -301,6 +305,12 @@ async def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
             print("no dead letters")
         for r in rows:
             print(f"{r['at']}  {r['subject']}  {r['error']}\n    {r['data'][:200]}")
+    return EXIT_OK
+
+
+async def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
+    url, streams = await app.init(settings)
+    print(f"streams {', '.join(streams)} ready on {url}")
     return EXIT_OK
 
 
