@@ -123,7 +123,10 @@ class ModelValidated(Payload, kw_only=True, frozen=True):
 
 
 class ModelUpdated(Payload, kw_only=True, frozen=True):
-    run_id: str
+    """`model.updated`: the app's config now names `model`; everything a Brain needs to
+    switch without reading the config file."""
+
+    run_id: str  # the run that built `model`; a rollback: its request id
     role: str = "left"
     model: str
     previous_model: str | None = None
@@ -132,6 +135,12 @@ class ModelUpdated(Payload, kw_only=True, frozen=True):
     rolled_back: bool = False
     at: datetime = msgspec.field(default_factory=utc_now)
     restored_from: str | None = None  # the backup a rollback restored
+    model_entry: dict[str, Any] = {}  # the config's `models` entry of `model` ({} if none)
+    request_id: str | None = None  # of the training.requested that led here
+    mode: Mode | None = None  # None on a rollback
+    base_score: float | None = None  # the gate's mean scores; None on a rollback
+    new_score: float | None = None
+    restored_run_id: str | None = None  # a rollback: the run that built the restored model
 
 
 class ModelUpdateFailed(Payload, kw_only=True, frozen=True):
