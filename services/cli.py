@@ -87,6 +87,20 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     lg.add_argument("--export", choices=["auto", "adapter", "merged"])
 
 
+def _app_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation: call the models the way the app does")
+    g.add_argument(
+        "--app-system",
+        dest="app_system_prompt",
+        help="the system prompt the app sends (default: none; the model's SYSTEM applies)",
+    )
+    g.add_argument(
+        "--app-options",
+        dest="app_options",
+        help="the Ollama options the app sends, as JSON (e.g. '{\"temperature\": 0.7}')",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mindx", description="Personalize the local left-brain model from memory."
@@ -96,11 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (a service, or one run with --run-once)")
     _common(p)
     _train_flags(p)
+    _app_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="serve components: collector trainer validator ... | all")
     _common(p)
     p.add_argument("components", nargs="+")
+    _app_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("memory", help="memory points")

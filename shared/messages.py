@@ -297,6 +297,8 @@ class RunReport(msgspec.Struct, kw_only=True):
     cases: list[CaseResult] = []
     artifacts: dict[str, str] = {}  # dataset, modelfile, report_json, report_html, …
     config: dict[str, Any] = {}  # path, backup_path
+    # how validation asked the models: {"system_sent", "system", "options"}
+    validation_request: dict[str, Any] = {}
     lora: dict[str, Any] | None = None
 
 
