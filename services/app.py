@@ -111,7 +111,7 @@ async def _validator(bus: Any, res: Resources) -> list[Any]:
     from services import validator
 
     backend, embedder = await res.backend(), await res.embedder()
-    system = res.settings.validation_system
+    system = res.settings.app_system_prompt
     return [await validator.serve(bus, backend, embedder, system=system)]
 
 
@@ -341,6 +341,14 @@ async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
     if isinstance(outcome, ModelUpdateFailed):
         raise UserFacingError(f"rollback failed: {outcome.error}")
     return outcome
+
+
+async def init(settings: Settings) -> tuple[str, list[str]]:
+    """Declare every stream on the configured bus, so what producers publish before any
+    service starts is kept; returns the bus URL and the stream names."""
+    async with connect(settings) as bus:
+        await bus.ensure_streams()
+        return bus.url, [spec.name for spec in subjects.STREAMS]
 
 
 async def dead_letters(settings: Settings) -> list[DeadLetter]:

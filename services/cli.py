@@ -87,6 +87,20 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     lg.add_argument("--export", choices=["auto", "adapter", "merged"])
 
 
+def _app_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation: call the models the way the app does")
+    g.add_argument(
+        "--app-system",
+        dest="app_system_prompt",
+        help="the system prompt the app sends (default: none; the model's SYSTEM applies)",
+    )
+    g.add_argument(
+        "--app-options",
+        dest="app_options",
+        help="the Ollama options the app sends, as JSON (e.g. '{\"temperature\": 0.7}')",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mindx", description="Personalize the local left-brain model from memory."
@@ -96,11 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (a service, or one run with --run-once)")
     _common(p)
     _train_flags(p)
+    _app_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="serve components: collector trainer validator ... | all")
     _common(p)
     p.add_argument("components", nargs="+")
+    _app_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("memory", help="memory points")
@@ -132,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_dlq_list)
+
+    p = sub.add_parser("init", help="declare every stream on the bus, before any service runs")
+    _common(p)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("schema", help="JSON Schema of every subject's payload, as one document")
+    p.set_defaults(func=cmd_schema, debug=False)
 
     p = sub.add_parser("report", help="summary of a run report (default: the latest)")
     _common(p)
@@ -259,7 +282,8 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(
             f"points {stats['points']}  pairs {stats['pairs']}  "
-            f"pairs since watermark {stats['pairs_since_watermark']}"
+            f"pairs since watermark {stats['pairs_since_watermark']}  "
+            f"points without pairs {stats['points_without_pairs']}"
         )
     return EXIT_OK
 
@@ -297,6 +321,19 @@ async def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
             print("no dead letters")
         for r in rows:
             print(f"{r['at']}  {r['subject']}  {r['error']}\n    {r['data'][:200]}")
+    return EXIT_OK
+
+
+async def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
+    url, streams = await app.init(settings)
+    print(f"streams {', '.join(streams)} ready on {url}")
+    return EXIT_OK
+
+
+async def cmd_schema(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.subjects import contract_schema
+
+    print(json.dumps(contract_schema(), indent=2, ensure_ascii=False))
     return EXIT_OK
 
 

@@ -167,6 +167,15 @@ def pairs_from_point(point: MemoryPoint) -> list[Pair]:
     return pairs
 
 
+def why_no_pairs(point: MemoryPoint) -> str:
+    """Why `pairs_from_point` found nothing in `point` (the warning an operator reads)."""
+    if is_conversation(point.content or ""):
+        return "no 'User:'/'用户:' line is followed by an 'Assistant:'/'助手:' line"
+    if not (point.content or "").strip():
+        return "empty content"
+    return "a note (no role lines) needs a summary or keywords as its prompt"
+
+
 # --- bus adapter --------------------------------------------------------------------------------
 
 
@@ -187,6 +196,9 @@ async def on_memory_points(
     items = [(point, pairs_from_point(point)) for point, _ in batch]
     # one short local transaction (~1-3 ms for a batch): cheaper inline than a thread hop
     outcomes = corpus.upsert_points(items)
+    for (point, pairs), outcome in zip(items, outcomes, strict=True):
+        if not pairs and outcome != "unchanged":  # logged when stored, not per redelivery
+            log.warning("point %s yields no pair: %s", point.id, why_no_pairs(point))
     if log.isEnabledFor(logging.DEBUG):
         for (point, delivery), (_, pairs), outcome in zip(batch, items, outcomes, strict=True):
             log.debug(

@@ -181,6 +181,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 100 else text[:80] + "…"
 
 
+def model_entry(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """A copy of the `models` entry named `model`, or {} when there is none."""
+    models = config.get("models")
+    entry = _find_entry(models, model) if isinstance(models, list) else None
+    return copy.deepcopy(entry) if entry is not None else {}
+
+
 def _split_key(key_path: str) -> list[str]:
     parts = key_path.split(".")
     if not key_path or any(not p for p in parts):
@@ -213,21 +220,65 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def render_config(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+@dataclasses.dataclass(frozen=True)
+class JsonStyle:
+    """How a JSON file is laid out, so a rewrite changes only the lines that changed."""
+
+    indent: str | None = "  "  # None: all on one line
+    compact: bool = False  # one line without spaces after `,` and `:`
+    ascii: bool = False  # non-ASCII written as \uXXXX
+    go_escapes: bool = False  # `<`, `>`, `&` as \u003c, \u003e, \u0026 (Go's encoding/json)
+    newline: str = "\n"
+    final_newline: bool = True
+
+
+_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
+
+
+def json_style(text: str) -> JsonStyle:
+    """The layout of `text`: indent unit (spaces or tabs), escapes, line ends."""
+    body = text.strip()
+    nested = re.search(r"\n([ \t]+)\S", body)
+    return JsonStyle(
+        indent=nested.group(1) if nested else None,
+        compact=nested is None and re.search(r"[,:]\s", body) is None,
+        ascii=text.isascii() and re.search(r"\\u(?!00(3c|3e|26))", text, re.IGNORECASE) is not None,
+        go_escapes=re.search(r"\\u00(3c|3e|26)", text, re.IGNORECASE) is not None,
+        newline="\r\n" if "\r\n" in text else "\n",
+        final_newline=text.endswith("\n") or not text,
+    )
+
+
+def render_config(data: dict[str, Any], style: JsonStyle = JsonStyle()) -> str:
+    out = json.dumps(
+        data,
+        indent=style.indent,
+        ensure_ascii=style.ascii,
+        separators=(",", ":") if style.compact else None,
+    )
+    if style.go_escapes:  # outside strings JSON has none of these characters
+        for char, escape in _GO_ESCAPES.items():
+            out = out.replace(char, escape)
+    if style.final_newline:
+        out += "\n"
+    return out.replace("\n", style.newline) if style.newline != "\n" else out
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
-    """Atomically replace the config; keep the file's mode, or 0644 for a new one.
+    """Atomically replace the config in its own layout; keep the file's mode, or 0644 for a
+    new one.
 
     A symlinked config is written through the link so the link survives.
     """
     target = Path(os.path.realpath(path))
     try:
         mode = target.stat().st_mode & 0o7777
+        style = json_style(target.read_bytes().decode("utf-8"))  # line ends as they are
     except FileNotFoundError:
-        mode = CONFIG_FILE_MODE
-    return atomic_write(target, render_config(data), mode=mode)
+        mode, style = CONFIG_FILE_MODE, JsonStyle()
+    except (OSError, UnicodeDecodeError):
+        style = JsonStyle()
+    return atomic_write(target, render_config(data, style), mode=mode)
 
 
 def backup_config(path: Path, *, at: datetime | None = None) -> Path:
@@ -480,6 +531,7 @@ class ConfigUpdater:
             return None
         exists = path.exists()
         config = read_config(path) if exists else default_config(ev.base_model)
+        written = config  # what the config holds once this run is applied
         current = left_model(config, self.key_path)
         if rec is None and current == ev.new_model:
             runs[ev.run_id] = AppliedRun(model=ev.new_model, previous_model=current, changed=False)
@@ -513,6 +565,7 @@ class ConfigUpdater:
                     with contextlib.suppress(OSError):
                         save_applied(path, runs)
                 raise
+            written = updated
             self._prune()
         return ModelUpdated(
             run_id=ev.run_id,
@@ -522,6 +575,11 @@ class ConfigUpdater:
             config_path=str(path),
             backup_path=rec.backup_path,
             rolled_back=False,
+            model_entry=model_entry(written, rec.model),
+            request_id=ev.request_id,
+            mode=ev.mode,
+            base_score=ev.base_score,
+            new_score=ev.new_score,
         )
 
     async def on_rollback(self, ev: RollbackRequested, delivery: Delivery | None = None) -> None:
@@ -554,6 +612,7 @@ class ConfigUpdater:
                 await self._failed(run_id, exc)
                 return
             log.info("rolled back %s to %s (left: %s)", self.config_path, r.restored_from, r.model)
+            restored = self._restored(r.model)
             event = ModelUpdated(
                 run_id=run_id,
                 role="left",
@@ -563,6 +622,8 @@ class ConfigUpdater:
                 backup_path=str(r.backup_path) if r.backup_path else None,
                 rolled_back=True,
                 restored_from=str(r.restored_from),
+                model_entry=restored[0],
+                restored_run_id=restored[1],
             )
             await self.bus.publish(
                 subjects.MODEL_UPDATED,
@@ -571,6 +632,21 @@ class ConfigUpdater:
             )
             if key:
                 self._mark_published(key, event)
+
+    def _restored(self, model: str | None) -> tuple[dict[str, Any], str | None]:
+        """The restored model's config entry, and the newest applied run that built it (None:
+        a model no run of this journal built, e.g. the base)."""
+        try:
+            entry = model_entry(read_config(self.config_path), model or "")
+        except (OSError, ConfigError):
+            entry = {}
+        runs = load_applied(self.config_path)
+        built = [
+            key
+            for key, rec in runs.items()
+            if not key.startswith("rollback:") and rec.changed and rec.model == model
+        ]
+        return entry, (built[-1] if built else None)
 
     def _current(self) -> str | None:
         try:

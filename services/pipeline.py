@@ -112,14 +112,30 @@ def few_shot_messages(pairs: Sequence[Pair], n: int, *, max_chars: int) -> list[
     return msgs
 
 
+def request_options(s: Settings) -> dict[str, Any]:
+    """The chat options validation sends: the app's own over the run's reproducible ones."""
+    options: dict[str, Any] = {"temperature": s.temperature, "seed": s.seed, **s.app_options}
+    if s.backend == "local":
+        options.setdefault("num_predict", LOCAL_NUM_PREDICT)
+    return options
+
+
+def request_shape(s: Settings) -> dict[str, Any]:
+    """How validation asked both models, as the report records it. With a system prompt of
+    the app's, Ollama drops the model's SYSTEM and puts the baked examples before it."""
+    return {
+        "system_sent": bool(s.app_system_prompt),
+        "system": s.app_system_prompt or None,
+        "options": request_options(s),
+    }
+
+
 def validation_cases(
     run_id: str, model: str, held_out: Sequence[Pair], s: Settings
 ) -> list[ValidationCase]:
-    """One case per held-out pair, asked the way the app asks (no system message of our own
-    unless configured: it would make Ollama drop the model's SYSTEM)."""
-    options: dict[str, Any] = {"temperature": s.temperature, "seed": s.seed}
-    if s.backend == "local":
-        options["num_predict"] = LOCAL_NUM_PREDICT
+    """One case per held-out pair, asked the way the app asks: its system prompt (none unless
+    configured: ours would make Ollama drop the model's SYSTEM) and its options."""
+    options = request_options(s)
     return [
         ValidationCase(
             run_id=run_id,
@@ -127,7 +143,7 @@ def validation_cases(
             model=model,
             prompt=p.prompt,
             expected=p.completion,
-            system=s.validation_system,
+            system=s.app_system_prompt or None,
             options=options,
         )
         for i, p in enumerate(held_out)

@@ -7,6 +7,7 @@ escaped, since prompts and answers are arbitrary text.
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -92,6 +93,10 @@ def summary_text(report: RunReport, html_path: Path | str | None = None) -> str:
             f"  cases {report.held_out_cases}"
         )
     lines.append(f"  pairs   {funnel_line(report)}")
+    if report.validation_request:
+        asked = report.validation_request
+        system = "the app's system prompt" if asked.get("system_sent") else "the model's SYSTEM"
+        lines.append(f"  asked   with {system}, options {json.dumps(asked.get('options', {}))}")
     if report.timings:
         total = sum(report.timings.values())
         steps = " · ".join(f"{k} {_duration(v)}" for k, v in report.timings.items())

@@ -267,6 +267,7 @@ class Trainer:
         split = pipeline.split(result.kept, s)
         report.training_pairs = len(split.train)
         report.held_out_cases = len(split.held_out)
+        report.validation_request = pipeline.request_shape(s)
         report.funnel.append(split.stage)
 
         # 4. run files

@@ -194,7 +194,7 @@ async def serve(
     name: str | None = None,
 ) -> Service:
     """Join the validator queue group; returns the bus service handle. `system` is the one
-    system prompt a case may carry (the configured `validation_system`)."""
+    system prompt a case may carry (the configured `app_system_prompt`)."""
     name = name or worker_name()
 
     async def handle(case: ValidationCase) -> ValidationResult:

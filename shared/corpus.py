@@ -333,7 +333,9 @@ class Corpus:
         return [self._point_decoder.decode(body) for (body,) in rows]
 
     def stats(self, since: datetime | None = None) -> dict[str, int]:
-        """Totals `points`, `pairs`; `pairs_since_watermark`: pairs of points after `since`."""
+        """Totals `points`, `pairs`; `pairs_since_watermark`: pairs of points after `since`;
+        `points_without_pairs`: stored points that yielded no pair (no exchange, or a note with
+        neither summary nor keywords)."""
         where, args = self._since_clause(since)
         with self._lock:
             n_points = self._conn.execute("SELECT count(*) FROM points").fetchone()[0]
@@ -341,4 +343,13 @@ class Corpus:
             n_since = self._conn.execute(
                 "SELECT count(*) FROM pairs q JOIN points p ON p.id = q.point_id" + where, args
             ).fetchone()[0]
-        return {"points": n_points, "pairs": n_pairs, "pairs_since_watermark": n_since}
+            n_empty = self._conn.execute(
+                "SELECT count(*) FROM points p"
+                " WHERE NOT EXISTS (SELECT 1 FROM pairs q WHERE q.point_id = p.id)"
+            ).fetchone()[0]
+        return {
+            "points": n_points,
+            "pairs": n_pairs,
+            "pairs_since_watermark": n_since,
+            "points_without_pairs": n_empty,
+        }

@@ -38,10 +38,14 @@ class MemoryPoint(Payload, kw_only=True, frozen=True):
 
     id: int
     content: str
-    keywords: list[str] = []
+    keywords: list[str] | None = []  # null (Go's nil slice) reads as []
     summary: str | None = ""
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.keywords is None:
+            msgspec.structs.force_setattr(self, "keywords", [])
 
 
 class Pair(msgspec.Struct, kw_only=True, frozen=True):
@@ -123,7 +127,10 @@ class ModelValidated(Payload, kw_only=True, frozen=True):
 
 
 class ModelUpdated(Payload, kw_only=True, frozen=True):
-    run_id: str
+    """`model.updated`: the app's config now names `model`; everything a Brain needs to
+    switch without reading the config file."""
+
+    run_id: str  # the run that built `model`; a rollback: its request id
     role: str = "left"
     model: str
     previous_model: str | None = None
@@ -132,6 +139,12 @@ class ModelUpdated(Payload, kw_only=True, frozen=True):
     rolled_back: bool = False
     at: datetime = msgspec.field(default_factory=utc_now)
     restored_from: str | None = None  # the backup a rollback restored
+    model_entry: dict[str, Any] = {}  # the config's `models` entry of `model` ({} if none)
+    request_id: str | None = None  # of the training.requested that led here
+    mode: Mode | None = None  # None on a rollback
+    base_score: float | None = None  # the gate's mean scores; None on a rollback
+    new_score: float | None = None
+    restored_run_id: str | None = None  # a rollback: the run that built the restored model
 
 
 class ModelUpdateFailed(Payload, kw_only=True, frozen=True):
@@ -308,6 +321,8 @@ class RunReport(msgspec.Struct, kw_only=True):
     cases: list[CaseResult] = []
     artifacts: dict[str, str] = {}  # dataset, modelfile, report_json, report_html, …
     config: dict[str, Any] = {}  # path, backup_path
+    # how validation asked the models: {"system_sent", "system", "options"}
+    validation_request: dict[str, Any] = {}
     lora: dict[str, Any] | None = None
 
 
@@ -341,10 +356,17 @@ _GRAMMARS = {
 
 
 def decode(data: bytes, typ: type[T]) -> T:
-    """Decode `data` as `typ`; raises msgspec.ValidationError/DecodeError with a clear message."""
+    """Decode `data` as `typ`; raises msgspec.ValidationError/DecodeError with a clear message.
+
+    An empty body is the empty object: a payload whose fields all have defaults may be sent
+    with no body at all (e.g. a Go `nc.Publish(subject, nil)`); any other type then names the
+    first missing field.
+    """
     dec = _decoders.get(typ)
     if dec is None:
         dec = _decoders[typ] = msgspec.json.Decoder(typ)
+    if not data or data.isspace():
+        data = b"{}"
     try:
         return dec.decode(data)
     except msgspec.ValidationError as exc:

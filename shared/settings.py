@@ -7,6 +7,7 @@ names the ecosystem already uses (`NATS_URL`, `OLLAMA_HOST`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -67,7 +68,9 @@ class Settings:
     max_error_rate: float = 0.25  # more scoring errors than this fails the run
     validation_concurrency: int = 4
     validation_timeout_s: float = 120.0
-    validation_system: str | None = None  # None: the model's own SYSTEM applies
+    # how the app (the Brain) calls its model; validation asks both models the same way
+    app_system_prompt: str | None = None  # None: the app sends none, the model's SYSTEM applies
+    app_options: dict[str, Any] = field(default_factory=dict)  # Ollama options, e.g. temperature
     system_prompt: str = (
         "You are the user's personal assistant. Answer the way the example conversations do: "
         "same language, tone and level of detail."
@@ -225,6 +228,11 @@ class Settings:
                 "(0, inf) or unset",
             ),
             at_least("max_deliver", 1),
+            (
+                isinstance(self.app_options, dict)
+                and all(isinstance(k, str) for k in self.app_options),
+                f"app_options must be a JSON object, got {self.app_options!r}",
+            ),
         ]
 
     def lora_hyperparams(self) -> LoraHyperparams:
@@ -275,6 +283,11 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
             return int(raw)
         if base is float:
             return float(raw)
+        if getattr(base, "__origin__", None) is dict:
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ValueError("not a JSON object")
+            return value
         if getattr(base, "__origin__", None) is tuple or base is tuple:
             return tuple(x.strip() for x in str(raw).split(",") if x.strip())
         if getattr(typ, "__origin__", None) is Literal:
@@ -284,5 +297,6 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
     except (TypeError, ValueError) as exc:
         if isinstance(exc, SettingsError):
             raise
-        raise SettingsError(f"{name}: cannot read {raw!r} as {typ}") from exc
+        kind = "a JSON object" if getattr(base, "__origin__", None) is dict else typ
+        raise SettingsError(f"{name}: cannot read {raw!r} as {kind}") from exc
     return raw

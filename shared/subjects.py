@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
 from nats.js.api import RetentionPolicy
 
-from shared.messages import MemoryPoint
+from shared.messages import (
+    DeadLetter,
+    LoraJob,
+    LoraJobDone,
+    MemoryPoint,
+    ModelUpdated,
+    ModelUpdateFailed,
+    ModelValidated,
+    Payload,
+    RollbackRequested,
+    TrainingFinished,
+    TrainingProgress,
+    TrainingRequested,
+    TrainingStarted,
+    ValidationCase,
+    ValidationResult,
+)
 
 # --- subjects -------------------------------------------------------------------------------
 MEMORY_POINT_CREATED = "memory.point.created"
@@ -167,3 +185,65 @@ CONFIG_UPDATER = ConsumerSpec("config-updater", "MODEL", MODEL_VALIDATED)
 CONFIG_ROLLBACK = ConsumerSpec("config-rollback", "MODEL", MODEL_ROLLBACK_REQUESTED)
 # training runs in a thread, so the keep-alive beats on time even during long steps
 LORA_WORKER = ConsumerSpec("lora-worker", "LORA_JOBS", LORA_JOBS, max_deliver=3)
+
+
+# --- the contract: each subject's payload (`mindx schema`, docs/events.md) -----------------
+# Keys are NATS subjects; a run-specific token is `*` (subscribe with the key as it is).
+PAYLOADS: dict[str, type[Payload]] = {
+    MEMORY_POINT_CREATED: MemoryPoint,
+    TRAINING_REQUESTED: TrainingRequested,
+    TRAINING_STARTED: TrainingStarted,
+    f"{TRAINING_PROGRESS}.*": TrainingProgress,
+    TRAINING_COMPLETED: TrainingFinished,
+    TRAINING_FAILED: TrainingFinished,
+    MODEL_VALIDATED: ModelValidated,
+    MODEL_UPDATED: ModelUpdated,
+    MODEL_UPDATE_FAILED: ModelUpdateFailed,
+    MODEL_ROLLBACK_REQUESTED: RollbackRequested,
+    VALIDATION_CASE: ValidationCase,
+    LORA_JOBS: LoraJob,
+    f"{LORA_DONE}.*": LoraJobDone,
+    f"{DEAD_LETTER_PREFIX}.>": DeadLetter,
+}
+# Request/reply subjects: the payload of the reply.
+REPLIES: dict[str, type[Payload]] = {VALIDATION_CASE: ValidationResult}
+
+
+def contract_schema() -> dict[str, Any]:
+    """`{"subjects": {subject: JSON Schema}, "replies": {subject: JSON Schema}}`."""
+    return {
+        "subjects": {subject: payload_schema(typ) for subject, typ in PAYLOADS.items()},
+        "replies": {subject: payload_schema(typ) for subject, typ in REPLIES.items()},
+    }
+
+
+def payload_schema(typ: type[Payload]) -> dict[str, Any]:
+    """The JSON Schema of one payload type. Times are marked `"format": "date-time"`
+    (RFC 3339; msgspec leaves the format out because it also reads times without an offset,
+    which it takes as UTC), so generated Go code gets a time.Time."""
+    schema = msgspec.json.schema(typ)
+    defs = schema.get("$defs", {})
+
+    def walk(t: msgspec.inspect.Type) -> bool:
+        """Mark the time fields of every struct within `t`; True when `t` itself is a time."""
+        if isinstance(t, msgspec.inspect.DateTimeType):
+            return True
+        if isinstance(t, msgspec.inspect.UnionType):
+            return any([walk(u) for u in t.types])
+        if isinstance(t, msgspec.inspect.ListType | msgspec.inspect.DictType):
+            walk(t.item_type if isinstance(t, msgspec.inspect.ListType) else t.value_type)
+        if isinstance(t, msgspec.inspect.StructType):
+            props = defs.get(t.cls.__name__, {}).get("properties", {})
+            for f in t.fields:
+                if walk(f.type):
+                    _mark_time(props.get(f.encode_name, {}))
+        return False
+
+    walk(msgspec.inspect.type_info(typ))
+    return schema
+
+
+def _mark_time(prop: dict[str, Any]) -> None:
+    for option in prop.get("anyOf", [prop]):
+        if option.get("type") == "string":
+            option["format"] = "date-time"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import timedelta
 
 import msgspec
 import pytest
@@ -12,7 +13,7 @@ from nats.aio.msg import Msg
 
 from shared import subjects
 from shared.bus import Bus, Delivery, Rejected, RequestTimeoutError, backoff_delay
-from shared.messages import MemoryPoint
+from shared.messages import MemoryPoint, TrainingRequested
 from shared.nats_server import EmbeddedNats
 from shared.subjects import ConsumerSpec
 from tests.bus_helpers import point
@@ -84,6 +85,43 @@ async def test_malformed_payloads_are_dead_lettered_and_the_consumer_goes_on(bus
     assert len(await bus.dead_letters(subject=subjects.MEMORY_POINT_CREATED)) == 4
     assert await bus.dead_letters(subject=subjects.MODEL_VALIDATED) == []
     assert [dl.data.encode() for dl in await bus.dead_letters(limit=2)] == list(MALFORMED)[2:]
+
+
+async def test_what_go_marshals_is_accepted_and_a_wrong_id_type_stays_an_error(bus: Bus) -> None:
+    points = spec("go-points")
+    requests = dataclasses.replace(
+        FAST, durable="go-requests", stream="TRAINING", subject=subjects.TRAINING_REQUESTED
+    )
+    got: asyncio.Queue[object] = asyncio.Queue()
+
+    async def handler(p: object, delivery: Delivery) -> None:
+        await got.put(p)
+
+    go_point = (
+        b'{"id":7,"content":"User: hi\\nAssistant: hello","keywords":null,"summary":"",'
+        b'"created_at":"2025-03-03T07:22:52.123456789+08:00",'
+        b'"updated_at":"2025-03-03T07:22:52.999999999-05:30"}'
+    )
+    await bus.publish_raw(subjects.MEMORY_POINT_CREATED, go_point)
+    await bus.publish_raw(subjects.MEMORY_POINT_CREATED, b'{"id":"8","content":"x"}')
+    await bus.publish_raw(subjects.MEMORY_POINT_CREATED, b"")  # no id: still an error
+    await bus.publish_raw(subjects.TRAINING_REQUESTED, b"")  # Go's Publish(subject, nil)
+    await bus.serve(points, MemoryPoint, handler)
+    await bus.serve(requests, TrainingRequested, handler)
+    first = await asyncio.wait_for(got.get(), 10)
+    second = await asyncio.wait_for(got.get(), 10)
+    await bus.wait_idle(points, timeout=10)
+    await bus.wait_idle(requests, timeout=10)
+    by_type = {type(x): x for x in (first, second)}
+    p = by_type[MemoryPoint]
+    assert isinstance(p, MemoryPoint) and p.id == 7 and p.keywords == []
+    assert p.created_at is not None and p.created_at.utcoffset() == timedelta(hours=8)
+    assert p.created_at.microsecond == 123457  # nanoseconds rounded to what Python keeps
+    assert by_type[TrainingRequested] == TrainingRequested()
+    letters = await bus.dead_letters()
+    assert [dl.data for dl in letters] == ['{"id":"8","content":"x"}', ""]
+    assert "Expected `int`, got `str` - at `$.id`" in letters[0].error
+    assert "missing required field `id`" in letters[1].error
 
 
 async def test_a_handler_that_keeps_failing_ends_in_the_dead_letter_stream(bus: Bus) -> None:

@@ -148,3 +148,11 @@ def test_log_level_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("MINDX_LOG_LEVEL", "info")
     assert cli.main(["backups", "--workspace", str(tmp_path)]) == 0
     assert seen["services.trainer:info"] and not seen["services.trainer:debug"]
+
+
+def test_bad_app_options_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--run-once", "--app-options", "{temperature: 0.7}"]
+    assert cli.main([*argv, "--workspace", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "mindx train: app_options: cannot read '{temperature: 0.7}' as a JSON object\n"
+    )

@@ -197,7 +197,8 @@ async def test_handler_is_idempotent(tmp_path: Path) -> None:
 async def test_collector_consumes_real_points_over_nats(bus: Any, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     lines = (DATA / "kdconv.memory.jsonl").read_text(encoding="utf-8").splitlines()[:40]
-    expected = sum(len(pairs_from_point(msgspec.json.decode(x, type=MemoryPoint))) for x in lines)
+    counts = [len(pairs_from_point(msgspec.json.decode(x, type=MemoryPoint))) for x in lines]
+    expected = sum(counts)
     service = await serve(bus, settings)
     try:
         for line in lines:  # raw producer JSON, extra MindX fields (`meta`) included
@@ -214,6 +215,7 @@ async def test_collector_consumes_real_points_over_nats(bus: Any, tmp_path: Path
             "points": 40,
             "pairs": expected,
             "pairs_since_watermark": expected,
+            "points_without_pairs": counts.count(0),
         }
 
 
@@ -275,3 +277,33 @@ async def test_a_stored_batch_delivered_again_changes_nothing(
         stored_first = {pid for pid, _ in first}
         assert [p for p in corpus.pairs() if p.point_id in stored_first] == before[1]
         await doomed.close()
+
+
+async def test_points_without_pairs_are_counted_and_logged_once(
+    bus: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    points = [
+        point("User: hi\nAssistant: hello", id=1),
+        point("a note with nothing to ask it by", id=2),  # no summary, no keywords
+        point("User: a question nobody answered", id=3),
+        point("Assistant: a reply to nothing", id=4),
+        point("a note", id=5, keywords=["topic"]),
+    ]
+    service = await serve(bus, settings)
+    try:
+        with caplog.at_level("WARNING", logger="services.collector"):
+            for _ in range(3):  # the producer sends each point three times, new message ids
+                for p in points:
+                    await bus.publish(MEMORY_POINT_CREATED, p)
+                await bus.wait_idle(COLLECTOR, timeout=30)
+    finally:
+        await service.stop()
+    with Corpus.open(settings.corpus_path) as corpus:
+        stats = corpus.stats()
+    assert stats["points"] == 5 and stats["pairs"] == 2
+    assert stats["points_without_pairs"] == 3
+    logged = [r.getMessage() for r in caplog.records if "yields no pair" in r.getMessage()]
+    assert sorted(m.split(" yields")[0] for m in logged) == ["point 2", "point 3", "point 4"]
+    assert "summary or keywords" in next(m for m in logged if m.startswith("point 2"))
+    assert "'Assistant:'" in next(m for m in logged if m.startswith("point 3"))

@@ -51,7 +51,12 @@ def test_redelivery_changes_nothing_and_newer_version_replaces_pairs(corpus: Cor
     assert upsert(corpus, v2) == "updated"
     assert [(p.prompt, p.completion, p.turn) for p in corpus.pairs()] == [("new", "answer", 0)]
     assert upsert(corpus, v2) == "unchanged"
-    assert corpus.stats() == {"points": 1, "pairs": 1, "pairs_since_watermark": 1}
+    assert corpus.stats() == {
+        "points": 1,
+        "pairs": 1,
+        "pairs_since_watermark": 1,
+        "points_without_pairs": 0,
+    }
     assert corpus.points()[0].content == v2.content
 
 
@@ -63,7 +68,12 @@ def test_since_uses_the_later_of_created_and_updated(corpus: Corpus) -> None:
     since = (T0 + timedelta(days=1)).astimezone(UTC)
     assert [p.point_id for p in corpus.pairs(since)] == [2, 3]
     assert [p.id for p in corpus.points(since)] == [2, 3]
-    assert corpus.stats(since) == {"points": 3, "pairs": 3, "pairs_since_watermark": 2}
+    assert corpus.stats(since) == {
+        "points": 3,
+        "pairs": 3,
+        "pairs_since_watermark": 2,
+        "points_without_pairs": 0,
+    }
     # strictly after: a point changed exactly at the watermark was already trained on
     assert [p.point_id for p in corpus.pairs(T0 + timedelta(days=2))] == [2]
     # a naive watermark is UTC
@@ -112,7 +122,12 @@ def test_two_processes_write_while_one_reads(tmp_path: Path) -> None:
         for p in procs:
             p.join()
             assert p.exitcode == 0
-        assert reader.stats() == {"points": 200, "pairs": 200, "pairs_since_watermark": 200}
+        assert reader.stats() == {
+            "points": 200,
+            "pairs": 200,
+            "pairs_since_watermark": 200,
+            "points_without_pairs": 0,
+        }
         assert seen <= 200
 
 
@@ -140,7 +155,13 @@ def test_a_batch_gives_the_outcomes_and_state_of_one_upsert_after_another(tmp_pa
             (3, "edited"),
         ]
         assert [p.content for p in c.points()] == [v2.content, other.content, stored_newer.content]
-        assert c.stats() == d.stats() == {"points": 3, "pairs": 3, "pairs_since_watermark": 3}
+        assert c.stats() == d.stats()
+        assert c.stats() == {
+            "points": 3,
+            "pairs": 3,
+            "pairs_since_watermark": 3,
+            "points_without_pairs": 0,
+        }
         # the same batch again (a redelivery): nothing changes
         assert c.upsert_points([(p, pairs_from_point(p)) for p in batch]) == ["unchanged"] * 9
         assert c.pairs() == d.pairs()

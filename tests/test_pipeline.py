@@ -112,8 +112,36 @@ def test_cases_send_no_system_message_unless_configured() -> None:
     assert "num_predict" not in cases[0].options
     local = pipeline.validation_cases("r1", "m", held, settings(backend="local", seed=7))
     assert local[0].options == {"temperature": 0.0, "seed": 7, "num_predict": 96}
-    sys = pipeline.validation_cases("r1", "m", held, settings(validation_system="be brief"))
+    sys = pipeline.validation_cases("r1", "m", held, settings(app_system_prompt="be brief"))
     assert sys[0].system == "be brief"
+
+
+def test_cases_are_asked_the_way_the_app_asks_and_the_report_says_how() -> None:
+    held = pairs(2)
+    plain = settings()
+    assert pipeline.request_shape(plain) == {
+        "system_sent": False,
+        "system": None,
+        "options": {"temperature": 0.0, "seed": 42},
+    }
+    app = settings(
+        app_system_prompt="You are MindX.", app_options={"temperature": 0.7, "num_ctx": 4096}
+    )
+    cases = pipeline.validation_cases("r1", "m", held, app)
+    want = {"temperature": 0.7, "seed": 42, "num_ctx": 4096}  # the app's options win
+    assert all(c.system == "You are MindX." and c.options == want for c in cases)
+    assert pipeline.request_shape(app) == {
+        "system_sent": True,
+        "system": "You are MindX.",
+        "options": want,
+    }
+    # an empty system prompt is no system prompt: the model's SYSTEM applies
+    assert (
+        pipeline.validation_cases("r1", "m", held, settings(app_system_prompt=""))[0].system is None
+    )
+    # the CPU cap on answer length stays unless the app sets its own
+    local = settings(backend="local", app_options={"num_predict": 200})
+    assert pipeline.request_options(local)["num_predict"] == 200
 
 
 # --- the gate ---------------------------------------------------------------------------------

@@ -144,3 +144,19 @@ def test_an_old_job_with_extra_keys_still_decodes() -> None:
         b'{"run_id": "20250101_120000", "dataset_object": "d", "base_model": "m"}', LoraJob
     )
     assert bare.hyperparams == LoraHyperparams()
+
+
+def test_the_apps_request_options_are_read_as_a_json_object() -> None:
+    s = Settings.load(
+        {"app_options": '{"temperature": 0.7, "stop": ["\\n"]}'},
+        env={"MINDX_APP_SYSTEM_PROMPT": "You are MindX."},
+    )
+    assert s.app_options == {"temperature": 0.7, "stop": ["\n"]}
+    assert s.app_system_prompt == "You are MindX."
+    assert Settings.load({}, env={"MINDX_APP_OPTIONS": "{}"}).app_options == {}
+    with pytest.raises(SettingsError, match="app_options: cannot read"):
+        Settings.load({}, env={"MINDX_APP_OPTIONS": "temperature=0.7"})
+    with pytest.raises(SettingsError, match="app_options: cannot read"):
+        Settings.load({"app_options": "[0.7]"}, env={})
+    with pytest.raises(SettingsError, match="app_options must be a JSON object"):
+        Settings(app_options=[0.7])  # type: ignore[arg-type]
