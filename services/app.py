@@ -190,18 +190,23 @@ class Imported:
 async def publish_memory(bus: Bus, files: Sequence[Path]) -> Imported:
     """Publish every readable point of `files` on `memory.point.created`.
 
-    The message id is the point's id and version, so JetStream drops a repeated import.
+    A bad record (malformed, an id SQLite cannot store, over the server's max_payload) or an
+    unreadable file is skipped and named in `errors`; the rest is still published. The message
+    id is the point's id and version, so JetStream drops a repeated import.
     """
-    from services.memory_adapter import read_memory_file
+    from services.memory_adapter import read_memory_records
+    from shared.bus import PayloadTooLargeError
 
     published, errors = 0, []
     for f in files:
-        if not f.exists():
-            raise UserFacingError(f"no such file: {f}")
-        points, errs = read_memory_file(f)
+        records, errs = read_memory_records(f)
         errors += errs
-        for p in points:
-            await bus.publish(subjects.MEMORY_POINT_CREATED, p, msg_id=subjects.point_msg_id(p))
+        for line, p in records:
+            try:
+                await bus.publish(subjects.MEMORY_POINT_CREATED, p, msg_id=subjects.point_msg_id(p))
+            except PayloadTooLargeError as exc:
+                errors.append(f"{f}:{line}: point {p.id}: {exc}")
+                continue
             published += 1
     return Imported(published=published, errors=errors, files=len(files))
 

@@ -245,7 +245,7 @@ async def cmd_memory_import(settings: Settings, args: argparse.Namespace) -> int
     for e in result.errors:
         print(f"skipped: {e}", file=sys.stderr)
     print(f"imported {result.published} memory points ({len(result.errors)} skipped)")
-    return EXIT_OK
+    return EXIT_RUN_FAILED if result.errors else EXIT_OK  # like cp: 1 when anything was left
 
 
 async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    Header,
     StorageType,
     StreamConfig,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "Expect",
     "NoRespondersError",
     "ObjectNotFoundError",
+    "PayloadTooLargeError",
     "RemoteError",
     "RequestTimeoutError",
     "Service",
@@ -118,6 +120,10 @@ class RemoteError(BusError):
 
 class ObjectNotFoundError(BusError, FileNotFoundError):
     """No such key in the object store bucket."""
+
+
+class PayloadTooLargeError(BusError):
+    """The message is over the server's max_payload; sending it would close the connection."""
 
 
 # --- subject → stream (pure) --------------------------------------------------------------------
@@ -287,10 +293,13 @@ class Bus:
         """Publish bytes as they are (e.g. JSON from other producers); same routing as publish."""
         stream = stream_for(subject)
         if stream is None:
+            self._check_size(subject, data, None)
             await self._nc.publish(subject, data)
             return
         # Without a caller id a fresh one still makes our own retries exactly-once.
         headers = {MSG_ID_HEADER: msg_id or uuid.uuid4().hex}
+        # js.publish adds the expected-stream header; it counts against max_payload too
+        self._check_size(subject, data, {**headers, Header.EXPECTED_STREAM: stream})
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(
@@ -304,6 +313,18 @@ class Bus:
                     await self._js.publish(subject, data, stream=stream, headers=headers)
         except Exception as exc:
             raise BusError(f"publish to {subject} (stream {stream}) failed: {exc!r}") from exc
+
+    def _check_size(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Refuse what the server would: it counts the header block and the payload together."""
+        size = len(data)
+        if headers:
+            size += 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        limit = self._nc.max_payload
+        if size > limit:
+            raise PayloadTooLargeError(
+                f"{subject}: a message of {size} bytes is over the server's "
+                f"max_payload of {limit} bytes"
+            )
 
     async def publish_and_wait(
         self,

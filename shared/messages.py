@@ -16,6 +16,8 @@ RunStatus = Literal[
     "success", "completed_no_improvement", "success_config_failed", "skipped", "failed"
 ]
 RunId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# SQLite's INTEGER range: an id beyond it could be published, but never stored by the collector.
+PointId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 def utc_now() -> datetime:
@@ -32,7 +34,7 @@ class Payload(msgspec.Struct, kw_only=True, frozen=True):
 class MemoryPoint(Payload, kw_only=True, frozen=True):
     """A MindX memory point (`memory.point.created`). Extra MindX fields are ignored."""
 
-    id: int
+    id: PointId
     content: str
     keywords: list[str] = []
     summary: str | None = ""
