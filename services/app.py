@@ -301,7 +301,10 @@ async def train_once(
 
 
 async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
-    """Ask the config updater to restore `backup` (default: the newest) and wait for it."""
+    """Ask the updater of this config to restore `backup` (default: the newest) and wait for it."""
+    from services.config_updater import config_key
+
+    config = config_key(settings.config_path)
     async with connect(settings) as bus, resources(settings) as res:
         services = await start(bus, res, ["config-updater"])
         try:
@@ -309,13 +312,17 @@ async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
             try:
                 outcome = await bus.publish_and_wait(
                     subjects.MODEL_ROLLBACK_REQUESTED,
-                    RollbackRequested(request_id=request_id, backup=backup),
+                    RollbackRequested(config_path=config, request_id=request_id, backup=backup),
                     msg_id=request_id,
                     expect=[
                         Expect(
                             subjects.MODEL_UPDATED,
                             ModelUpdated,
-                            lambda ev: ev.rolled_back and ev.run_id == request_id,
+                            lambda ev: (
+                                ev.rolled_back
+                                and ev.run_id == request_id
+                                and config_key(ev.config_path) == config
+                            ),
                         ),
                         Expect(
                             subjects.MODEL_UPDATE_FAILED,

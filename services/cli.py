@@ -267,7 +267,7 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     outcome = await app.rollback(settings, args.to)
     print(
-        f"left brain: {outcome.previous_model} -> {outcome.model} "
+        f"left brain in {outcome.config_path}: {outcome.previous_model} -> {outcome.model} "
         f"(restored {outcome.restored_from}; the replaced config is saved as {outcome.backup_path})"
     )
     return EXIT_OK

@@ -13,6 +13,9 @@ The app owns `models.json`. When it does not exist yet (a fresh machine), the fi
 from `{"brain": {"left": <base>}, "models": []}` so the app finds a config that names the new
 model; there is nothing to back up in that case, so `backup_path` is null.
 
+Several updaters may serve one config (in several processes): `<config>.lock` beside it holds
+a cross-process lock for every change of the config, its journal and its backups.
+
 Idempotency: next to the config, `<config>.applied.json` records the runs already applied (model,
 previous model, backup, whether `model.updated` went out). It is written before the config, so a
 redelivered `model.validated` finishes exactly what the crashed delivery left undone and never
@@ -25,10 +28,12 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import re
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from shared import subjects
-from shared.files import atomic_write, create_new, timestamp
+from shared.files import PRIVATE_FILE, atomic_write, create_new, ensure_private_dir, timestamp
 from shared.messages import ModelUpdated, ModelUpdateFailed, ModelValidated, RollbackRequested
 
 if TYPE_CHECKING:
@@ -49,6 +54,7 @@ CONFIG_FILE_MODE = 0o644  # the model config holds no personal data
 # Fields a new entry inherits from the previous left model when the base has no entry.
 INHERITED_FIELDS = ("base_url", "temperature", "max_tokens")
 APPLIED_SUFFIX = ".applied.json"
+LOCK_SUFFIX = ".lock"
 APPLIED_KEEP = 200  # runs remembered for redelivery checks
 
 
@@ -182,12 +188,20 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 
 def backup_config(path: Path, *, at: datetime | None = None) -> Path:
-    """Copy the config to `<config>.backup.<YYYYMMDD_HHMMSS>` (`.2`, `.3`... within one second)."""
+    """Copy the config to `<config>.backup.<YYYYMMDD_HHMMSS>` (`.2`, `.3`... within one second).
+
+    The suffix follows the highest one of that second, so a name freed by pruning is never
+    reused: a new backup always sorts as the newest.
+    """
     path = Path(path)
     data = path.read_bytes()
     mode = path.stat().st_mode & 0o7777
-    stem = f"{path.name}.backup.{timestamp(at)}"
-    n = 1
+    ts = timestamp(at)
+    stem = f"{path.name}.backup.{ts}"
+    taken = [
+        key[1] for p in path.parent.iterdir() if (key := _backup_key(path, p)) and key[0] == ts
+    ]
+    n = max(taken, default=0) + 1
     while True:
         dest = path.with_name(stem if n == 1 else f"{stem}.{n}")
         if create_new(dest, data, mode=mode):
@@ -298,6 +312,41 @@ def rollback(
     return r.restored_from, r.model, r.previous
 
 
+def config_key(path: Path | str) -> str:
+    """The config's resolved path: how a rollback request names it, whoever started the updater."""
+    return os.path.realpath(path)
+
+
+def lock_path(path: Path) -> Path:
+    real = Path(config_key(path))
+    return real.with_name(real.name + LOCK_SUFFIX)
+
+
+@contextlib.asynccontextmanager
+async def config_lock(path: Path, *, poll_s: float = 0.01) -> AsyncIterator[None]:
+    """Hold the config's cross-process lock (`<config>.lock`, beside the resolved config).
+
+    flock, not POSIX record locks: a flock belongs to this open file, so another descriptor of
+    the lock file closed elsewhere in the process cannot drop it. Waiting polls without blocking,
+    so the event loop runs on and a cancelled wait leaves nothing behind.
+    """
+    p = lock_path(path)
+    ensure_private_dir(p.parent)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+    try:
+        delay = poll_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 # --- applied-runs journal -----------------------------------------------------------------------
 
 
@@ -343,7 +392,9 @@ class Publisher(Protocol):
 class ConfigUpdater:
     """Handlers for `model.validated` and `model.rollback.requested`.
 
-    Both rewrite the same file, so a lock serializes them. Errors a redelivery cannot fix
+    Both rewrite the same file, so a lock serializes them: across processes too, since
+    several updaters may serve one config. A rollback request is done only by an updater of the
+    config it names; the others ack it and leave it alone. Errors a redelivery cannot fix
     (invalid config, unwritable path, unknown backup) are published as `model.update_failed`
     and the message is acked; only a failing publish raises (and is retried by the bus).
     """
@@ -360,7 +411,7 @@ class ConfigUpdater:
         self.config_path = Path(config_path)
         self.key_path = key_path
         self.keep_backups = keep_backups
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # this process's handlers; config_lock: other processes
 
     async def on_model_validated(
         self, ev: ModelValidated, delivery: Delivery | None = None
@@ -373,8 +424,9 @@ class ConfigUpdater:
                 ev.base_model,
             )
             return
-        async with self._lock:
+        async with self._lock, contextlib.AsyncExitStack() as held:
             try:
+                await held.enter_async_context(config_lock(self.config_path))
                 event = self._apply(ev)
             except (OSError, ConfigError) as exc:
                 await self._failed(ev.run_id, exc)
@@ -441,10 +493,19 @@ class ConfigUpdater:
 
     async def on_rollback(self, ev: RollbackRequested, delivery: Delivery | None = None) -> None:
         """Restore the named or newest backup; a repeated request_id restores nothing twice."""
+        if not self._is_mine(ev.config_path):
+            log.debug(
+                "rollback %s is for %s; %s is left alone",
+                ev.request_id,
+                ev.config_path,
+                self.config_path,
+            )
+            return
         run_id = ev.request_id or f"rollback-{timestamp()}"
         key = f"rollback:{ev.request_id}" if ev.request_id else None
-        async with self._lock:
+        async with self._lock, contextlib.AsyncExitStack() as held:
             try:
+                await held.enter_async_context(config_lock(self.config_path))
                 runs = load_applied(self.config_path) if key else {}
                 rec = runs.get(key) if key else None
                 if rec is not None and rec.published:
@@ -487,6 +548,12 @@ class ConfigUpdater:
             if key:
                 self._mark_published(key, event)
 
+    def _is_mine(self, config_path: str) -> bool:
+        try:
+            return config_key(config_path) == config_key(self.config_path)
+        except ValueError:  # e.g. a NUL byte: names no file at all
+            return False
+
     def _current(self) -> str | None:
         try:
             return left_model(read_config(self.config_path), self.key_path)
@@ -528,5 +595,9 @@ async def serve(bus: Bus, settings: Settings) -> list[Service]:
     )
     return [
         await bus.serve(subjects.CONFIG_UPDATER, ModelValidated, updater.on_model_validated),
-        await bus.serve(subjects.CONFIG_ROLLBACK, RollbackRequested, updater.on_rollback),
+        await bus.serve(
+            subjects.config_rollback(config_key(settings.config_path)),
+            RollbackRequested,
+            updater.on_rollback,
+        ),
     ]

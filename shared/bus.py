@@ -451,7 +451,7 @@ class Bus:
             name=spec.durable,
             durable_name=spec.durable,
             filter_subject=spec.subject,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.NEW if spec.deliver_new else DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait_s,
             # Unlimited on the server: we count deliveries ourselves, so a message whose

@@ -141,8 +141,11 @@ class ModelUpdateFailed(Payload, kw_only=True, frozen=True):
 
 
 class RollbackRequested(Payload, kw_only=True, frozen=True):
-    """`model.rollback.requested`: restore the named backup, or the newest one."""
+    """`model.rollback.requested`: restore the named backup, or the newest one, of the config
+    at `config_path`. Only that config's updater acts on it; a request naming no config cannot
+    be decoded (dead-lettered), so no updater guesses which config is meant."""
 
+    config_path: str  # resolved path of the config, as its updater resolves it
     request_id: str | None = None
     backup: str | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -146,11 +147,23 @@ class ConsumerSpec:
     ack_wait_s: float = 30.0  # unacked messages of a dead consumer come back within this
     max_deliver: int = 5  # then the message is dead-lettered
     backoff_s: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    # a new durable starts at the stream's end: for requests only worth doing when they are made
+    deliver_new: bool = False
 
 
 COLLECTOR = ConsumerSpec("collector", "MEMORY", MEMORY_POINT_CREATED)
 TRAINER = ConsumerSpec("trainer", "TRAINING", TRAINING_REQUESTED, max_deliver=3)
 CONFIG_UPDATER = ConsumerSpec("config-updater", "MODEL", MODEL_VALIDATED)
-CONFIG_ROLLBACK = ConsumerSpec("config-rollback", "MODEL", MODEL_ROLLBACK_REQUESTED)
+
+
+def config_rollback(config_key: str) -> ConsumerSpec:
+    """The rollback consumer of one config (`config_key`: its resolved path). A durable per
+    config: every config sees every request, and its updaters act only on those naming it."""
+    digest = hashlib.sha256(config_key.encode()).hexdigest()[:16]
+    return ConsumerSpec(
+        f"config-rollback-{digest}", "MODEL", MODEL_ROLLBACK_REQUESTED, deliver_new=True
+    )
+
+
 # training runs in a thread, so the keep-alive beats on time even during long steps
 LORA_WORKER = ConsumerSpec("lora-worker", "LORA_JOBS", LORA_JOBS, max_deliver=3)
