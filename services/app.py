@@ -160,7 +160,7 @@ async def connect(settings: Settings) -> AsyncIterator[Bus]:
     from shared.nats_server import ensure_nats
 
     async with ensure_nats(settings.nats, settings.data_path / "nats") as url:
-        bus = await Bus.connect(url)
+        bus = await Bus.connect(url, streams=subjects.streams(settings.memory_retention_days))
         try:
             yield bus
         finally:

@@ -56,6 +56,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also MINDX_DEBUG=1)"
     )
+    lim = p.add_argument_group("limits")
+    lim.add_argument(
+        "--memory-retention",
+        dest="memory_retention_days",
+        type=float,
+        metavar="DAYS",
+        help="how long the MEMORY stream keeps a point (default: 30)",
+    )
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -254,12 +262,14 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
 
     with Corpus.open(settings.corpus_path) as corpus:
         stats = corpus.stats(load_watermark(settings.watermark_path))
+        stats["withheld"] = sum(corpus.withheld().values())
     if args.json:
         print(json.dumps(stats))
     else:
         print(
             f"points {stats['points']}  pairs {stats['pairs']}  "
-            f"pairs since watermark {stats['pairs_since_watermark']}"
+            f"pairs since watermark {stats['pairs_since_watermark']}  "
+            f"withheld as sensitive {stats['withheld']}"
         )
     return EXIT_OK
 

@@ -53,6 +53,7 @@ from shared.bus_consumer import (
     Service,
     backoff_delay,
 )
+from shared.files import ensure_private_dir
 from shared.messages import DeadLetter, decode, encode
 from shared.subjects import (
     DEAD_LETTER_PREFIX,
@@ -203,9 +204,15 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, *, name: str = "mindx", connect_timeout: float = 5.0, attempts: int = 5
+        cls,
+        url: str,
+        *,
+        name: str = "mindx",
+        connect_timeout: float = 5.0,
+        attempts: int = 5,
+        streams: Sequence[StreamSpec] = STREAMS,
     ) -> Bus:
-        """Connect (trying `attempts` times), then create or update every stream in STREAMS."""
+        """Connect (trying `attempts` times), then create or update every stream of `streams`."""
         nc: Client | None = None
 
         async def on_error(exc: Exception) -> None:
@@ -235,15 +242,15 @@ class Bus:
         nc.options["max_reconnect_attempts"] = -1
         bus = cls(nc, url)
         try:
-            await bus.ensure_streams()
+            await bus.ensure_streams(streams)
         except BaseException:
             await nc.close()
             raise
         return bus
 
-    async def ensure_streams(self) -> None:
+    async def ensure_streams(self, streams: Sequence[StreamSpec] = STREAMS) -> None:
         """Create missing streams and update changed ones (idempotent; file storage)."""
-        for spec in STREAMS:
+        for spec in streams:
             config = _stream_config(spec)
             try:
                 await self._js.add_stream(config)
@@ -637,7 +644,7 @@ class Bus:
         """Write the object `key` to `dest` (atomically, digest checked); returns `dest`."""
         bucket = await self._bucket()
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(dest.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from shared.messages import ExportMode, LoraHyperparams, Mode
+from shared.subjects import MEMORY_RETENTION_DAYS
 
 Backend = Literal["ollama", "local"]
 
@@ -45,6 +46,7 @@ class Settings:
 
     # bus and backend
     nats: str | None = None  # None: start an embedded nats-server
+    memory_retention_days: float = MEMORY_RETENTION_DAYS  # how long the stream keeps a point
     backend: Backend = "ollama"
     ollama: str = "http://127.0.0.1:11434"
     model: str | None = None  # base model; None: the backend's default
@@ -194,6 +196,7 @@ class Settings:
                 f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}",
             ),
             at_least("keep_backups", 1),
+            within("memory_retention_days", self.memory_retention_days > 0, "(0, inf)"),
             at_least("min_corpus", 1),
             at_least("max_pairs", 1),
             at_least("max_examples", 1),

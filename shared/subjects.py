@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nats.js.api import RetentionPolicy
 
@@ -119,8 +119,13 @@ class StreamSpec:
     max_age_s: float | None = None
 
 
+DAY_S = 24 * 3600
+# Memory points are personal: the stream keeps them only until a collector that was down has
+# had ample time to catch up (the corpus holds what training needs). `--memory-retention`.
+MEMORY_RETENTION_DAYS = 30.0
+
 STREAMS: tuple[StreamSpec, ...] = (
-    StreamSpec("MEMORY", ["memory.>"]),
+    StreamSpec("MEMORY", ["memory.>"], max_age_s=MEMORY_RETENTION_DAYS * DAY_S),
     # progress events are live-only: not captured
     StreamSpec(
         "TRAINING",
@@ -136,6 +141,14 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("LORA_DONE", [f"{LORA_DONE}.>"], max_age_s=7 * 24 * 3600),
     StreamSpec("DLQ", [f"{DEAD_LETTER_PREFIX}.>"], max_age_s=90 * 24 * 3600),
 )
+
+
+def streams(memory_retention_days: float = MEMORY_RETENTION_DAYS) -> tuple[StreamSpec, ...]:
+    """STREAMS with the MEMORY stream keeping points for `memory_retention_days`."""
+    return tuple(
+        replace(s, max_age_s=memory_retention_days * DAY_S) if s.name == "MEMORY" else s
+        for s in STREAMS
+    )
 
 
 # --- durable consumers ----------------------------------------------------------------------

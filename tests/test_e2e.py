@@ -245,7 +245,7 @@ async def test_import_stats_and_dead_letters(
     assert f"skipped: {points}:3:" in capsys.readouterr().err
     assert await run_cli("corpus", "stats", "--json", *common, "--watermark", "wm.json") == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats == {"points": 2, "pairs": 3, "pairs_since_watermark": 3}
+    assert stats == {"points": 2, "pairs": 3, "pairs_since_watermark": 3, "withheld": 0}
 
     # a malformed message on the bus is dead-lettered with its reason; the collector goes on
     await bus.publish_raw(subjects.MEMORY_POINT_CREATED, b'{"id": "seven", "content": "x"}')
