@@ -64,6 +64,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="DAYS",
         help="how long the MEMORY stream keeps a point (default: 30)",
     )
+    lim.add_argument(
+        "--ollama-timeout",
+        dest="ollama_timeout_s",
+        type=float,
+        metavar="S",
+        help="seconds per try of an Ollama request, 4 tries (default: 600)",
+    )
+    lim.add_argument(
+        "--run-timeout",
+        dest="run_timeout_s",
+        type=float,
+        metavar="S",
+        help="a run failing after this many seconds (default: 2 h; LoRA: time budget + 2 h, "
+        "else 24 h)",
+    )
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:

@@ -169,4 +169,4 @@ def open_backend(settings: Any) -> Backend:
         return LocalBackend(settings.data_path / "models", seed=settings.seed)
     from shared.ollama import OllamaClient
 
-    return OllamaClient(settings.ollama)
+    return OllamaClient(settings.ollama, timeout=settings.ollama_timeout_s)
