@@ -167,15 +167,17 @@ class ConsumerSpec:
 COLLECTOR = ConsumerSpec("collector", "MEMORY", MEMORY_POINT_CREATED)
 TRAINER = ConsumerSpec("trainer", "TRAINING", TRAINING_REQUESTED, max_deliver=3)
 CONFIG_UPDATER = ConsumerSpec("config-updater", "MODEL", MODEL_VALIDATED)
+# what every config's rollback consumer is (config_rollback names one)
+CONFIG_ROLLBACK = ConsumerSpec(
+    "config-rollback", "MODEL", MODEL_ROLLBACK_REQUESTED, deliver_new=True
+)
 
 
 def config_rollback(config_key: str) -> ConsumerSpec:
     """The rollback consumer of one config (`config_key`: its resolved path). A durable per
     config: every config sees every request, and its updaters act only on those naming it."""
     digest = hashlib.sha256(config_key.encode()).hexdigest()[:16]
-    return ConsumerSpec(
-        f"config-rollback-{digest}", "MODEL", MODEL_ROLLBACK_REQUESTED, deliver_new=True
-    )
+    return replace(CONFIG_ROLLBACK, durable=f"{CONFIG_ROLLBACK.durable}-{digest}")
 
 
 # training runs in a thread, so the keep-alive beats on time even during long steps
