@@ -302,7 +302,7 @@ async def train_once(
 
 async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
     """Ask the updater of this config to restore `backup` (default: the newest) and wait for it."""
-    from services.config_updater import config_key
+    from services.config_updater import config_key, same_config
 
     config = config_key(settings.config_path)
     async with connect(settings) as bus, resources(settings) as res:
@@ -321,7 +321,7 @@ async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
                             lambda ev: (
                                 ev.rolled_back
                                 and ev.run_id == request_id
-                                and config_key(ev.config_path) == config
+                                and same_config(ev.config_path, config)
                             ),
                         ),
                         Expect(

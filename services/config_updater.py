@@ -317,6 +317,14 @@ def config_key(path: Path | str) -> str:
     return os.path.realpath(path)
 
 
+def same_config(a: Path | str, b: Path | str) -> bool:
+    """Whether two paths (one perhaps from the bus) name the same config file."""
+    try:
+        return config_key(a) == config_key(b)
+    except ValueError:  # e.g. a NUL byte: names no file at all
+        return False
+
+
 def lock_path(path: Path) -> Path:
     real = Path(config_key(path))
     return real.with_name(real.name + LOCK_SUFFIX)
@@ -493,7 +501,7 @@ class ConfigUpdater:
 
     async def on_rollback(self, ev: RollbackRequested, delivery: Delivery | None = None) -> None:
         """Restore the named or newest backup; a repeated request_id restores nothing twice."""
-        if not self._is_mine(ev.config_path):
+        if not same_config(ev.config_path, self.config_path):
             log.debug(
                 "rollback %s is for %s; %s is left alone",
                 ev.request_id,
@@ -547,12 +555,6 @@ class ConfigUpdater:
             )
             if key:
                 self._mark_published(key, event)
-
-    def _is_mine(self, config_path: str) -> bool:
-        try:
-            return config_key(config_path) == config_key(self.config_path)
-        except ValueError:  # e.g. a NUL byte: names no file at all
-            return False
 
     def _current(self) -> str | None:
         try:

@@ -21,6 +21,7 @@ import pytest
 from services.config_updater import (
     applied_path,
     backup_config,
+    config_key,
     list_backups,
     prune_backups,
     render_config,
@@ -184,12 +185,13 @@ async def test_a_rollback_that_names_no_config_is_dead_lettered(
     path.with_name("models.json.backup.20250101_000000").write_text(config("old"))
     before = path.read_bytes()
     await asyncio.to_thread(wait_serving, serve_updater(processes, nats_server.url, path))
+    # a path that names no file is no config of this updater: acked and left alone
+    await bus.publish_raw(
+        subjects.MODEL_ROLLBACK_REQUESTED, b'{"config_path": "/x\\u0000y", "request_id": "nul"}'
+    )
     await bus.publish_raw(subjects.MODEL_ROLLBACK_REQUESTED, b'{"request_id": "anyone"}')
-    for _ in range(100):
-        letters = await bus.dead_letters()
-        if letters:
-            break
-        await asyncio.sleep(0.1)
+    await bus.wait_idle(subjects.config_rollback(config_key(path)), timeout=30)
+    letters = await bus.dead_letters()
     assert len(letters) == 1 and "config_path" in letters[0].error, letters
     assert path.read_bytes() == before
 
