@@ -47,7 +47,7 @@ def open_backend(settings: Settings) -> Backend:
         return LocalBackend(settings.data_path / "models", seed=settings.seed)
     from shared.ollama import OllamaClient
 
-    return OllamaClient(settings.ollama)
+    return OllamaClient(settings.ollama, timeout=settings.ollama_timeout_s)
 
 
 @dataclass
@@ -174,7 +174,7 @@ async def connect(settings: Settings) -> AsyncIterator[Bus]:
     from shared.nats_server import ensure_nats
 
     async with ensure_nats(settings.nats, settings.data_path / "nats") as url:
-        bus = await Bus.connect(url)
+        bus = await Bus.connect(url, streams=subjects.streams(settings.memory_retention_days))
         try:
             yield bus
         finally:
@@ -204,18 +204,23 @@ class Imported:
 async def publish_memory(bus: Bus, files: Sequence[Path]) -> Imported:
     """Publish every readable point of `files` on `memory.point.created`.
 
-    The message id is the point's id and version, so JetStream drops a repeated import.
+    A bad record (malformed, an id SQLite cannot store, over the server's max_payload) or an
+    unreadable file is skipped and named in `errors`; the rest is still published. The message
+    id is the point's id and version, so JetStream drops a repeated import.
     """
-    from services.memory_adapter import read_memory_file
+    from services.memory_adapter import read_memory_records
+    from shared.bus import PayloadTooLargeError
 
     published, errors = 0, []
     for f in files:
-        if not f.exists():
-            raise UserFacingError(f"no such file: {f}")
-        points, errs = read_memory_file(f)
+        records, errs = read_memory_records(f)
         errors += errs
-        for p in points:
-            await bus.publish(subjects.MEMORY_POINT_CREATED, p, msg_id=subjects.point_msg_id(p))
+        for line, p in records:
+            try:
+                await bus.publish(subjects.MEMORY_POINT_CREATED, p, msg_id=subjects.point_msg_id(p))
+            except PayloadTooLargeError as exc:
+                errors.append(f"{f}:{line}: point {p.id}: {exc}")
+                continue
             published += 1
     return Imported(published=published, errors=errors, files=len(files))
 
@@ -310,7 +315,10 @@ async def train_once(
 
 
 async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
-    """Ask the config updater to restore `backup` (default: the newest) and wait for it."""
+    """Ask the updater of this config to restore `backup` (default: the newest) and wait for it."""
+    from services.model_config import config_key, same_config
+
+    config = config_key(settings.config_path)
     async with connect(settings) as bus, resources(settings) as res:
         services = await start(bus, res, ["config-updater"])
         try:
@@ -318,13 +326,17 @@ async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
             try:
                 outcome = await bus.publish_and_wait(
                     subjects.MODEL_ROLLBACK_REQUESTED,
-                    RollbackRequested(request_id=request_id, backup=backup),
+                    RollbackRequested(config_path=config, request_id=request_id, backup=backup),
                     msg_id=request_id,
                     expect=[
                         Expect(
                             subjects.MODEL_UPDATED,
                             ModelUpdated,
-                            lambda ev: ev.rolled_back and ev.run_id == request_id,
+                            lambda ev: (
+                                ev.rolled_back
+                                and ev.run_id == request_id
+                                and same_config(ev.config_path, config)
+                            ),
                         ),
                         Expect(
                             subjects.MODEL_UPDATE_FAILED,

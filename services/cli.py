@@ -56,6 +56,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also MINDX_DEBUG=1)"
     )
+    lim = p.add_argument_group("limits")
+    lim.add_argument(
+        "--memory-retention",
+        dest="memory_retention_days",
+        type=float,
+        metavar="DAYS",
+        help="how long the MEMORY stream keeps a point (default: 30)",
+    )
+    lim.add_argument(
+        "--ollama-timeout",
+        dest="ollama_timeout_s",
+        type=float,
+        metavar="S",
+        help="seconds per try of an Ollama request, 4 tries (default: 600)",
+    )
+    lim.add_argument(
+        "--run-timeout",
+        dest="run_timeout_s",
+        type=float,
+        metavar="S",
+        help="a run failing after this many seconds (default: 2 h; LoRA: time budget + 2 h, "
+        "else 24 h)",
+    )
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -268,7 +291,7 @@ async def cmd_memory_import(settings: Settings, args: argparse.Namespace) -> int
     for e in result.errors:
         print(f"skipped: {e}", file=sys.stderr)
     print(f"imported {result.published} memory points ({len(result.errors)} skipped)")
-    return EXIT_OK
+    return EXIT_RUN_FAILED if result.errors else EXIT_OK  # like cp: 1 when anything was left
 
 
 async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
@@ -277,13 +300,15 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
 
     with Corpus.open(settings.corpus_path) as corpus:
         stats = corpus.stats(load_watermark(settings.watermark_path))
+        stats["withheld"] = sum(corpus.withheld().values())
     if args.json:
         print(json.dumps(stats))
     else:
         print(
             f"points {stats['points']}  pairs {stats['pairs']}  "
             f"pairs since watermark {stats['pairs_since_watermark']}  "
-            f"points without pairs {stats['points_without_pairs']}"
+            f"points without pairs {stats['points_without_pairs']}  "
+            f"withheld as sensitive {stats['withheld']}"
         )
     return EXIT_OK
 
@@ -291,14 +316,14 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     outcome = await app.rollback(settings, args.to)
     print(
-        f"left brain: {outcome.previous_model} -> {outcome.model} "
+        f"left brain in {outcome.config_path}: {outcome.previous_model} -> {outcome.model} "
         f"(restored {outcome.restored_from}; the replaced config is saved as {outcome.backup_path})"
     )
     return EXIT_OK
 
 
 async def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
-    from services.config_updater import list_backups
+    from services.model_config import list_backups
 
     backups = list_backups(settings.config_path)
     if not backups:

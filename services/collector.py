@@ -1,8 +1,9 @@
 """Collector: memory points → user/assistant pairs, stored in the corpus.
 
 The pure part (`pairs_from_point`) turns one MindX memory point into every exchange it holds;
-the handler stores them idempotently (a redelivered point changes nothing) and `serve` wires the
-handler to the durable `memory.point.created` consumer.
+`keep_private` keeps out of the corpus every pair the filter's `sensitive` stage would drop (and
+the point's own text around it); the handler stores the rest idempotently (a redelivered point
+changes nothing) and `serve` wires the handler to the durable `memory.point.created` consumer.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
+import msgspec
+
+from services.filter import may_be_sensitive, sensitive_reason, sensitive_reason_text
 from shared.messages import MemoryPoint, Pair
 from shared.subjects import COLLECTOR
 
@@ -176,6 +181,46 @@ def why_no_pairs(point: MemoryPoint) -> str:
     return "a note (no role lines) needs a summary or keywords as its prompt"
 
 
+def keep_private(point: MemoryPoint) -> tuple[MemoryPoint, list[Pair], Counter[str]]:
+    """What the corpus may hold of `point`: (point to store, its pairs, withheld reason → pairs).
+
+    A pair the filter would drop as sensitive is never stored, only counted: secrets must not
+    sit in the corpus for good while the datasets leave them out. When any of the point's text
+    holds one, the stored point keeps only the kept pairs' turns, a clean summary and the clean
+    keywords; a clean point is stored as it came.
+    """
+    summary = point.summary or ""
+    if not may_be_sensitive("\n".join([point.content, summary, *point.keywords])):
+        return point, pairs_from_point(point), Counter()  # the common case, checked at once
+    keywords = [k for k in point.keywords if not sensitive_reason_text(k)]
+    clean_keywords = len(keywords) == len(point.keywords)
+    source = point if clean_keywords else msgspec.structs.replace(point, keywords=keywords)
+    kept: list[Pair] = []
+    withheld: Counter[str] = Counter()
+    for pair in pairs_from_point(source):
+        reason = sensitive_reason(pair)
+        if reason is None:
+            kept.append(pair)
+        else:
+            withheld[reason] += 1
+    clean_summary = not sensitive_reason_text(summary)
+    if (
+        clean_keywords
+        and clean_summary
+        and not withheld
+        and not sensitive_reason_text(point.content)
+    ):
+        return point, kept, withheld
+    content = "\n".join(
+        p.completion if p.kind == "note" else f"user: {p.prompt}\nassistant: {p.completion}"
+        for p in kept
+    )
+    stored = msgspec.structs.replace(
+        source, content=content, summary=summary if clean_summary else ""
+    )
+    return stored, kept, withheld
+
+
 # --- bus adapter --------------------------------------------------------------------------------
 
 
@@ -191,14 +236,17 @@ async def on_memory_points(
 
     The write is one transaction, finished before the bus acks, so a crash before the acks
     only leads to a redelivery that `upsert_points` recognises and ignores; a failure stores
-    nothing, and the bus then retries the points one at a time.
+    nothing, and the bus then retries the points one at a time. Sensitive pairs are kept out
+    (`keep_private`) and only counted.
     """
-    items = [(point, pairs_from_point(point)) for point, _ in batch]
+    private = [keep_private(point) for point, _ in batch]
+    items = [(stored, pairs) for stored, pairs, _ in private]
     # one short local transaction (~1-3 ms for a batch): cheaper inline than a thread hop
-    outcomes = corpus.upsert_points(items)
-    for (point, pairs), outcome in zip(items, outcomes, strict=True):
+    outcomes = corpus.upsert_points(items, [withheld for _, _, withheld in private])
+    for (point, pairs, withheld), outcome in zip(private, outcomes, strict=True):
         if not pairs and outcome != "unchanged":  # logged when stored, not per redelivery
-            log.warning("point %s yields no pair: %s", point.id, why_no_pairs(point))
+            why = "every pair held a secret" if withheld else why_no_pairs(point)
+            log.warning("point %s yields no pair: %s", point.id, why)
     if log.isEnabledFor(logging.DEBUG):
         for (point, delivery), (_, pairs), outcome in zip(batch, items, outcomes, strict=True):
             log.debug(

@@ -1,13 +1,8 @@
 """ConfigUpdater: points the app's left brain at a validated model, with backups and rollback.
 
-Three layers, top to bottom:
-
-* `apply_left_model`: pure; a config dict in, the updated dict and the previous model out.
-* files: `backup_config`, `write_config`, `prune_backups`, `list_backups`, `rollback`.
-  Every write is atomic (temp file, fsync, rename), so a crash leaves the old config or the new
-  one, never half of either. A backup is never overwritten.
-* `ConfigUpdater` and `serve`: the bus handlers for `model.validated` and
-  `model.rollback.requested`, publishing `model.updated` / `model.update_failed`.
+`ConfigUpdater` and `serve` are the bus handlers for `model.validated` and
+`model.rollback.requested`, publishing `model.updated` / `model.update_failed`; the config file
+itself (the edit, backups, the lock, the applied-runs journal) is `services/model_config.py`.
 
 Only a verified `model.validated` is applied (`RunVerifier`): the trainer's run record for its run
 id must say the same (decision, models, scores) and the new model must exist on the backend.
@@ -18,8 +13,7 @@ The app owns `models.json`. When it does not exist yet (a fresh machine), the fi
 from `{"brain": {"left": <base>}, "models": []}` so the app finds a config that names the new
 model; there is nothing to back up in that case, so `backup_path` is null.
 
-Idempotency: next to the config, `<config>.applied.json` records the runs already applied (model,
-previous model, backup, whether `model.updated` went out). It is written before the config, so a
+Idempotency: the journal records the runs already applied before the config is written, so a
 redelivered `model.validated` finishes exactly what the crashed delivery left undone and never
 makes a second backup or a second event.
 """
@@ -28,22 +22,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
-import json
 import logging
-import os
-import re
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from services.model_config import (
+    AppliedRun,
+    ConfigError,
+    apply_left_model,
+    backup_config,
+    config_key,
+    config_lock,
+    default_config,
+    find_backup,
+    left_model,
+    load_applied,
+    model_entry,
+    prune_backups,
+    read_config,
+    restore,
+    same_config,
+    save_applied,
+    write_config,
+)
 from shared import subjects
 from shared.backend import ModelNotFound
 from shared.bus import Rejected
-from shared.files import atomic_write, create_new, timestamp
+from shared.files import timestamp
 from shared.messages import (
     ModelUpdated,
     ModelUpdateFailed,
@@ -58,93 +66,6 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE_MODE = 0o644  # the model config holds no personal data
-# Fields a new entry inherits from the previous left model when the base has no entry.
-INHERITED_FIELDS = ("base_url", "temperature", "max_tokens")
-APPLIED_SUFFIX = ".applied.json"
-APPLIED_KEEP = 200  # runs remembered for redelivery checks
-
-
-class ConfigError(ValueError):
-    """The config cannot be read or does not have the shape an update needs."""
-
-
-class BackupNotFound(ConfigError):
-    """A rollback named a backup that is not one of this config's backups."""
-
-
-# --- pure ---------------------------------------------------------------------------------------
-
-
-def default_config(base_model: str) -> dict[str, Any]:
-    """What a missing config is taken to be: the base model on the left, no entries."""
-    return {"brain": {"left": base_model}, "models": []}
-
-
-def get_key(config: dict[str, Any], key_path: str) -> Any:
-    """The value at a dot-separated key path, or None when any part is missing."""
-    node: Any = config
-    for part in _split_key(key_path):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def left_model(config: dict[str, Any], key_path: str = "brain.left") -> str | None:
-    value = get_key(config, key_path)
-    return value if isinstance(value, str) else None
-
-
-def apply_left_model(
-    config: dict[str, Any], *, new_model: str, base_model: str, key_path: str = "brain.left"
-) -> tuple[dict[str, Any], str | None]:
-    """Point `key_path` at `new_model` and give it a `models` entry; return (config, previous).
-
-    The input is not modified. Every other key keeps its value and its position. The new entry
-    is a copy of the base model's entry with the name replaced; without one, a minimal entry
-    inheriting base_url/temperature/max_tokens from the previous left model's entry. An existing
-    entry for `new_model` is replaced where it stands.
-    """
-    if not new_model:
-        raise ConfigError("new_model is empty")
-    out = copy.deepcopy(config)
-    if not isinstance(out, dict):
-        raise ConfigError(f"config must be a JSON object, got {type(out).__name__}")
-    parts = _split_key(key_path)
-    node: dict[str, Any] = out
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})  # a missing level is appended, order of others kept
-        if not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
-            raise ConfigError(f"config key {where!r} is {type(child).__name__}, not an object")
-        node = child
-    previous = node.get(parts[-1])
-    if previous is not None and not isinstance(previous, str):
-        raise ConfigError(f"config key {key_path!r} is {type(previous).__name__}, not a string")
-    node[parts[-1]] = new_model
-
-    models = out.setdefault("models", [])
-    if not isinstance(models, list):
-        raise ConfigError(f"config key 'models' is {type(models).__name__}, not a list")
-    base_entry = _find_entry(models, base_model)
-    if base_entry is not None:
-        entry = {k: (new_model if k == "name" else copy.deepcopy(v)) for k, v in base_entry.items()}
-    else:
-        entry = {"name": new_model}
-        prev_entry = _find_entry(models, previous) if previous else None
-        for k in INHERITED_FIELDS:
-            if prev_entry is not None and k in prev_entry:
-                entry[k] = copy.deepcopy(prev_entry[k])
-    for i, m in enumerate(models):
-        if isinstance(m, dict) and m.get("name") == new_model:
-            models[i] = entry
-            break
-    else:
-        models.append(entry)
-    return out, previous
-
 
 # what a model.validated must share with its run record
 RECORD_FIELDS = (
@@ -179,256 +100,6 @@ def record_mismatch(ev: ModelValidated, record: RunRecord | None) -> str | None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 100 else text[:80] + "…"
-
-
-def model_entry(config: dict[str, Any], model: str) -> dict[str, Any]:
-    """A copy of the `models` entry named `model`, or {} when there is none."""
-    models = config.get("models")
-    entry = _find_entry(models, model) if isinstance(models, list) else None
-    return copy.deepcopy(entry) if entry is not None else {}
-
-
-def _split_key(key_path: str) -> list[str]:
-    parts = key_path.split(".")
-    if not key_path or any(not p for p in parts):
-        raise ConfigError(f"bad config key path {key_path!r}")
-    return parts
-
-
-def _find_entry(models: list[Any], name: str) -> dict[str, Any] | None:
-    for m in models:
-        if isinstance(m, dict) and m.get("name") == name:
-            return m
-    return None
-
-
-# --- files --------------------------------------------------------------------------------------
-
-_BACKUP_TAIL = re.compile(r"^(\d{8}_\d{6})(?:\.(\d+))?$")
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """The config as a dict (key order kept); ConfigError when it is not a JSON object."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-@dataclasses.dataclass(frozen=True)
-class JsonStyle:
-    """How a JSON file is laid out, so a rewrite changes only the lines that changed."""
-
-    indent: str | None = "  "  # None: all on one line
-    compact: bool = False  # one line without spaces after `,` and `:`
-    ascii: bool = False  # non-ASCII written as \uXXXX
-    go_escapes: bool = False  # `<`, `>`, `&` as \u003c, \u003e, \u0026 (Go's encoding/json)
-    newline: str = "\n"
-    final_newline: bool = True
-
-
-_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
-
-
-def json_style(text: str) -> JsonStyle:
-    """The layout of `text`: indent unit (spaces or tabs), escapes, line ends."""
-    body = text.strip()
-    nested = re.search(r"\n([ \t]+)\S", body)
-    return JsonStyle(
-        indent=nested.group(1) if nested else None,
-        compact=nested is None and re.search(r"[,:]\s", body) is None,
-        ascii=text.isascii() and re.search(r"\\u(?!00(3c|3e|26))", text, re.IGNORECASE) is not None,
-        go_escapes=re.search(r"\\u00(3c|3e|26)", text, re.IGNORECASE) is not None,
-        newline="\r\n" if "\r\n" in text else "\n",
-        final_newline=text.endswith("\n") or not text,
-    )
-
-
-def render_config(data: dict[str, Any], style: JsonStyle = JsonStyle()) -> str:
-    out = json.dumps(
-        data,
-        indent=style.indent,
-        ensure_ascii=style.ascii,
-        separators=(",", ":") if style.compact else None,
-    )
-    if style.go_escapes:  # outside strings JSON has none of these characters
-        for char, escape in _GO_ESCAPES.items():
-            out = out.replace(char, escape)
-    if style.final_newline:
-        out += "\n"
-    return out.replace("\n", style.newline) if style.newline != "\n" else out
-
-
-def write_config(path: Path, data: dict[str, Any]) -> Path:
-    """Atomically replace the config in its own layout; keep the file's mode, or 0644 for a
-    new one.
-
-    A symlinked config is written through the link so the link survives.
-    """
-    target = Path(os.path.realpath(path))
-    try:
-        mode = target.stat().st_mode & 0o7777
-        style = json_style(target.read_bytes().decode("utf-8"))  # line ends as they are
-    except FileNotFoundError:
-        mode, style = CONFIG_FILE_MODE, JsonStyle()
-    except (OSError, UnicodeDecodeError):
-        style = JsonStyle()
-    return atomic_write(target, render_config(data, style), mode=mode)
-
-
-def backup_config(path: Path, *, at: datetime | None = None) -> Path:
-    """Copy the config to `<config>.backup.<YYYYMMDD_HHMMSS>` (`.2`, `.3`... within one second)."""
-    path = Path(path)
-    data = path.read_bytes()
-    mode = path.stat().st_mode & 0o7777
-    stem = f"{path.name}.backup.{timestamp(at)}"
-    n = 1
-    while True:
-        dest = path.with_name(stem if n == 1 else f"{stem}.{n}")
-        if create_new(dest, data, mode=mode):
-            return dest
-        n += 1
-
-
-def _backup_key(path: Path, candidate: Path) -> tuple[str, int] | None:
-    prefix = f"{path.name}.backup."
-    if not candidate.name.startswith(prefix):
-        return None
-    m = _BACKUP_TAIL.match(candidate.name[len(prefix) :])
-    if m is None:
-        return None
-    return m.group(1), int(m.group(2) or 1)
-
-
-def list_backups(path: Path) -> list[Path]:
-    """This config's backups, newest first."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    keyed = []
-    for p in path.parent.iterdir():
-        key = _backup_key(path, p)
-        if key is not None and p.is_file():
-            keyed.append((key, p))
-    keyed.sort(reverse=True)
-    return [p for _, p in keyed]
-
-
-def prune_backups(path: Path, keep: int = 10) -> list[Path]:
-    """Delete all but the newest `keep` backups; return the deleted ones."""
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    removed = list_backups(path)[keep:]
-    for p in removed:
-        p.unlink(missing_ok=True)
-    return removed
-
-
-def find_backup(path: Path, backup: str | None) -> Path:
-    """The named backup (file name or path) of this config, or the newest one."""
-    path = Path(path)
-    backups = list_backups(path)
-    if not backups:
-        raise BackupNotFound(f"no backups of {path}")
-    if backup is None:
-        return backups[0]
-    wanted = Path(backup).expanduser()
-    for b in backups:
-        if (len(wanted.parts) == 1 and wanted.name == b.name) or (
-            len(wanted.parts) > 1 and os.path.realpath(wanted) == os.path.realpath(b)
-        ):
-            return b
-    names = ", ".join(b.name for b in backups[:5]) + (" ..." if len(backups) > 5 else "")
-    raise BackupNotFound(f"{backup!r} is not a backup of {path}; backups: {names}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RollbackResult:
-    restored_from: Path
-    model: str | None  # left model after the rollback
-    previous: str | None  # left model before it (None when the config was missing or broken)
-    backup_path: Path | None  # where the replaced config was saved, so the rollback can be undone
-
-
-def restore(
-    path: Path,
-    backup: str | None = None,
-    *,
-    key_path: str = "brain.left",
-    keep: int | None = None,
-) -> RollbackResult:
-    """Restore a backup over the config, saving the current config first."""
-    path = Path(path)
-    source = find_backup(path, backup)  # chosen before the safety backup becomes the newest
-    data = source.read_bytes()
-    try:
-        restored = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"backup {source.name} is not valid JSON: {exc}") from exc
-    model = left_model(restored, key_path) if isinstance(restored, dict) else None
-    previous: str | None = None
-    saved: Path | None = None
-    if path.exists():
-        try:
-            previous = left_model(read_config(path), key_path)
-        except ConfigError:
-            previous = None  # a broken config is exactly what a rollback is for
-        saved = backup_config(path)
-    target = Path(os.path.realpath(path))
-    mode = target.stat().st_mode & 0o7777 if target.exists() else CONFIG_FILE_MODE
-    atomic_write(target, data, mode=mode)  # the backup's bytes, as they were
-    if keep is not None:
-        protected = {source, saved}
-        for p in list_backups(path)[keep:]:
-            if p not in protected:
-                p.unlink(missing_ok=True)
-    return RollbackResult(source, model, previous, saved)
-
-
-def rollback(
-    path: Path, backup: str | None = None, *, key_path: str = "brain.left", keep: int | None = None
-) -> tuple[Path, str | None, str | None]:
-    """Restore the named or newest backup; return (restored_from, model, previous)."""
-    r = restore(path, backup, key_path=key_path, keep=keep)
-    return r.restored_from, r.model, r.previous
-
-
-# --- applied-runs journal -----------------------------------------------------------------------
-
-
-class AppliedRun(msgspec.Struct, kw_only=True):
-    model: str
-    previous_model: str | None = None
-    backup_path: str | None = None
-    published: bool = False
-    changed: bool = True  # False: the config already named the model; nothing to announce
-    restored_from: str | None = None  # rollbacks: the backup's file name, fixed before restoring
-
-
-def applied_path(path: Path) -> Path:
-    return Path(path).with_name(Path(path).name + APPLIED_SUFFIX)
-
-
-def load_applied(path: Path) -> dict[str, AppliedRun]:
-    p = applied_path(path)
-    try:
-        return msgspec.json.decode(p.read_bytes(), type=dict[str, AppliedRun])
-    except FileNotFoundError:
-        return {}
-    except (UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.warning("%s unreadable (%s); starting a new one", p, exc)
-        return {}
-
-
-def save_applied(path: Path, runs: dict[str, AppliedRun]) -> None:
-    if len(runs) > APPLIED_KEEP:  # insertion order is age order
-        runs = dict(list(runs.items())[-APPLIED_KEEP:])
-    atomic_write(applied_path(path), msgspec.json.encode(runs), mode=CONFIG_FILE_MODE)
 
 
 # --- bus ----------------------------------------------------------------------------------------
@@ -472,7 +143,9 @@ class RunVerifier:
 class ConfigUpdater:
     """Handlers for `model.validated` and `model.rollback.requested`.
 
-    Both rewrite the same file, so a lock serializes them. Errors a redelivery cannot fix
+    Both rewrite the same file, so a lock serializes them: across processes too, since
+    several updaters may serve one config. A rollback request is done only by an updater of the
+    config it names; the others ack it and leave it alone. Errors a redelivery cannot fix
     (invalid config, unwritable path, unknown backup) are published as `model.update_failed`
     and the message is acked; only a failing publish raises (and is retried by the bus).
     """
@@ -491,7 +164,7 @@ class ConfigUpdater:
         self.config_path = Path(config_path)
         self.key_path = key_path
         self.keep_backups = keep_backups
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # this process's handlers; config_lock: other processes
 
     async def on_model_validated(
         self, ev: ModelValidated, delivery: Delivery | None = None
@@ -509,8 +182,9 @@ class ConfigUpdater:
         except ModelMissing as exc:  # a genuine run: its trainer waits for an answer
             await self._failed(ev.run_id, exc)
             raise
-        async with self._lock:
+        async with self._lock, contextlib.AsyncExitStack() as held:
             try:
+                await held.enter_async_context(config_lock(self.config_path))
                 event = self._apply(ev)
             except (OSError, ConfigError) as exc:
                 await self._failed(ev.run_id, exc)
@@ -584,10 +258,19 @@ class ConfigUpdater:
 
     async def on_rollback(self, ev: RollbackRequested, delivery: Delivery | None = None) -> None:
         """Restore the named or newest backup; a repeated request_id restores nothing twice."""
+        if not same_config(ev.config_path, self.config_path):
+            log.debug(
+                "rollback %s is for %s; %s is left alone",
+                ev.request_id,
+                ev.config_path,
+                self.config_path,
+            )
+            return
         run_id = ev.request_id or f"rollback-{timestamp()}"
         key = f"rollback:{ev.request_id}" if ev.request_id else None
-        async with self._lock:
+        async with self._lock, contextlib.AsyncExitStack() as held:
             try:
+                await held.enter_async_context(config_lock(self.config_path))
                 runs = load_applied(self.config_path) if key else {}
                 rec = runs.get(key) if key else None
                 if rec is not None and rec.published:
@@ -690,5 +373,9 @@ async def serve(bus: Bus, settings: Settings, backend: Backend) -> list[Service]
     )
     return [
         await bus.serve(subjects.CONFIG_UPDATER, ModelValidated, updater.on_model_validated),
-        await bus.serve(subjects.CONFIG_ROLLBACK, RollbackRequested, updater.on_rollback),
+        await bus.serve(
+            subjects.config_rollback(config_key(settings.config_path)),
+            RollbackRequested,
+            updater.on_rollback,
+        ),
     ]

@@ -45,19 +45,25 @@ def read_memory_file(path: Path) -> tuple[list[MemoryPoint], list[str]]:
 
     Returns (points, errors); each error reads `file:line: reason`.
     """
+    records, errors = read_memory_records(path)
+    return [p for _, p in records], errors
+
+
+def read_memory_records(path: Path) -> tuple[list[tuple[int, MemoryPoint]], list[str]]:
+    """Like `read_memory_file`, each point with the line it starts on (for later errors)."""
     path = Path(path)
-    points: list[MemoryPoint] = []
+    points: list[tuple[int, MemoryPoint]] = []
     errors: list[str] = []
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return [], [f"{path}: {exc.strerror or exc}"]
+        return [], [f"{path}: {(exc.strerror or str(exc)).lower()}"]
     if data.startswith(b"\xef\xbb\xbf"):  # a BOM some editors write
         data = data[3:]
     records = _jsonl_records(data) if path.suffix == ".jsonl" else _json_records(data, errors, path)
     for line, raw in records:
         try:
-            points.append(_point_decoder.decode(raw))
+            points.append((line, _point_decoder.decode(raw)))
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             errors.append(f"{path}:{line}: {exc}")
     return points, errors

@@ -76,6 +76,10 @@ class ChunkedEmbedder:
         return np.concatenate(parts)
 
 
+class RunDeadlineExceeded(Exception):
+    """The run took longer than its deadline (`--run-timeout`): a hung model server, say."""
+
+
 class RunRegistry:
     """request_id → run_id, so a repeated request starts no second run (survives restarts)."""
 
@@ -104,6 +108,7 @@ class Run:
     bus: Bus
     started: datetime = field(default_factory=utc_now)
     record: RunRecord | None = None  # the run's entry in the RUNS bucket, once written
+    deadline: asyncio.Timeout | None = None  # disarmed once the run's outcome is decided
 
     @property
     def run_id(self) -> str:
@@ -207,7 +212,16 @@ class Trainer:
                 ),
             )
             await self._record(run, pipeline.started_record(names, s))
-            await self._run(run)
+            try:
+                async with asyncio.timeout(s.run_deadline_s) as run.deadline:
+                    await self._run(run)
+            except TimeoutError as exc:
+                if run.deadline is None or not run.deadline.expired():
+                    raise
+                raise RunDeadlineExceeded(
+                    f"the run did not finish within its deadline of {s.run_deadline_s:g} s "
+                    "(--run-timeout); config and watermark are unchanged"
+                ) from exc
         except pipeline.RunSkipped as exc:
             run.report.status = "skipped"
             run.report.decision_reason = str(exc)
@@ -299,7 +313,10 @@ class Trainer:
         if verdict.decision.failed:
             raise RuntimeError(verdict.decision.reason)
 
-        # the run got this far: the next run starts after this one's data
+        # the run got this far: the next run starts after this one's data, and the rest (the
+        # config switch) is bounded by config_wait_s, not by the deadline
+        if run.deadline is not None:
+            run.deadline.reschedule(None)
         save_watermark(s.watermark_path, run.started)
         report.status = verdict.status
         validated = pipeline.validated_event(

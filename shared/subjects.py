@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -137,8 +138,13 @@ class StreamSpec:
     max_age_s: float | None = None
 
 
+DAY_S = 24 * 3600
+# Memory points are personal: the stream keeps them only until a collector that was down has
+# had ample time to catch up (the corpus holds what training needs). `--memory-retention`.
+MEMORY_RETENTION_DAYS = 30.0
+
 STREAMS: tuple[StreamSpec, ...] = (
-    StreamSpec("MEMORY", ["memory.>"]),
+    StreamSpec("MEMORY", ["memory.>"], max_age_s=MEMORY_RETENTION_DAYS * DAY_S),
     # progress events are live-only: not captured
     StreamSpec(
         "TRAINING",
@@ -154,6 +160,14 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("LORA_DONE", [f"{LORA_DONE}.>"], max_age_s=7 * 24 * 3600),
     StreamSpec("DLQ", [f"{DEAD_LETTER_PREFIX}.>"], max_age_s=90 * 24 * 3600),
 )
+
+
+def streams(memory_retention_days: float = MEMORY_RETENTION_DAYS) -> tuple[StreamSpec, ...]:
+    """STREAMS with the MEMORY stream keeping points for `memory_retention_days`."""
+    return tuple(
+        replace(s, max_age_s=memory_retention_days * DAY_S) if s.name == "MEMORY" else s
+        for s in STREAMS
+    )
 
 
 # --- key-value buckets ----------------------------------------------------------------------
@@ -177,12 +191,26 @@ class ConsumerSpec:
     ack_wait_s: float = 30.0  # unacked messages of a dead consumer come back within this
     max_deliver: int = 5  # then the message is dead-lettered
     backoff_s: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    # a new durable starts at the stream's end: for requests only worth doing when they are made
+    deliver_new: bool = False
 
 
 COLLECTOR = ConsumerSpec("collector", "MEMORY", MEMORY_POINT_CREATED)
 TRAINER = ConsumerSpec("trainer", "TRAINING", TRAINING_REQUESTED, max_deliver=3)
 CONFIG_UPDATER = ConsumerSpec("config-updater", "MODEL", MODEL_VALIDATED)
-CONFIG_ROLLBACK = ConsumerSpec("config-rollback", "MODEL", MODEL_ROLLBACK_REQUESTED)
+# what every config's rollback consumer is (config_rollback names one)
+CONFIG_ROLLBACK = ConsumerSpec(
+    "config-rollback", "MODEL", MODEL_ROLLBACK_REQUESTED, deliver_new=True
+)
+
+
+def config_rollback(config_key: str) -> ConsumerSpec:
+    """The rollback consumer of one config (`config_key`: its resolved path). A durable per
+    config: every config sees every request, and its updaters act only on those naming it."""
+    digest = hashlib.sha256(config_key.encode()).hexdigest()[:16]
+    return replace(CONFIG_ROLLBACK, durable=f"{CONFIG_ROLLBACK.durable}-{digest}")
+
+
 # training runs in a thread, so the keep-alive beats on time even during long steps
 LORA_WORKER = ConsumerSpec("lora-worker", "LORA_JOBS", LORA_JOBS, max_deliver=3)
 

@@ -14,10 +14,10 @@ import msgspec
 import pytest
 
 from services import config_updater as cu
-from services.config_updater import (
+from services.config_updater import ConfigUpdater
+from services.model_config import (
     BackupNotFound,
     ConfigError,
-    ConfigUpdater,
     apply_left_model,
     backup_config,
     list_backups,
@@ -503,7 +503,7 @@ async def test_rollback_request_restores_and_announces(config_file: Path):
     await up.on_model_validated(validated(), None)
     [applied] = pub.on(subjects.MODEL_UPDATED)
 
-    req = RollbackRequested(request_id="undo-1")
+    req = RollbackRequested(config_path=str(config_file), request_id="undo-1")
     await up.on_rollback(req, None)
     await up.on_rollback(req, None)  # redelivered: must not roll back the rollback
     assert json.loads(text(config_file))["brain"]["left"] == "qwen3:0.6b"
@@ -526,8 +526,12 @@ async def test_rollback_redelivered_after_a_crash_is_not_undone(config_file: Pat
     await up.on_model_validated(validated(), None)
     pub.fail_next = Crash()  # restored, then died before announcing it
     with pytest.raises(Crash):
-        await up.on_rollback(RollbackRequested(request_id="undo-1"), None)
-    await updater(config_file, pub).on_rollback(RollbackRequested(request_id="undo-1"), None)
+        await up.on_rollback(
+            RollbackRequested(config_path=str(config_file), request_id="undo-1"), None
+        )
+    await updater(config_file, pub).on_rollback(
+        RollbackRequested(config_path=str(config_file), request_id="undo-1"), None
+    )
     assert json.loads(text(config_file))["brain"]["left"] == "qwen3:0.6b"
     [_, ev] = pub.on(subjects.MODEL_UPDATED)
     assert (ev.run_id, ev.model, ev.rolled_back) == ("undo-1", "qwen3:0.6b", True)
@@ -537,7 +541,9 @@ async def test_rollback_redelivered_after_a_crash_is_not_undone(config_file: Pat
 async def test_rollback_to_an_unknown_backup_publishes_update_failed(config_file: Path):
     pub = Recorder()
     before = raw(config_file)
-    await updater(config_file, pub).on_rollback(RollbackRequested(backup="nope"), None)
+    await updater(config_file, pub).on_rollback(
+        RollbackRequested(config_path=str(config_file), backup="nope"), None
+    )
     [failed] = pub.on(subjects.MODEL_UPDATE_FAILED)
     assert "no backups" in failed.error
     assert raw(config_file) == before
@@ -600,7 +606,10 @@ async def test_service_applies_once_and_announces_over_nats(bus, tmp_path: Path,
         assert await _drain_until_sentinel(bus, updated) == []
         assert len(list_backups(path)) == 1
 
-        await bus.publish(subjects.MODEL_ROLLBACK_REQUESTED, RollbackRequested(request_id="r1"))
+        await bus.publish(
+            subjects.MODEL_ROLLBACK_REQUESTED,
+            RollbackRequested(config_path=str(path), request_id="r1"),
+        )
         ev = await asyncio.wait_for(updated.get(), 10)
         assert (ev.run_id, ev.model, ev.rolled_back) == ("r1", "qwen3:0.6b", True)
         assert json.loads(text(path))["brain"]["left"] == "qwen3:0.6b"

@@ -240,8 +240,9 @@ async def test_import_stats_and_dead_letters(
     ]
     points.write_text("\n".join([*(json.dumps(x, ensure_ascii=False) for x in lines), "{not json"]))
     common = ["--workspace", str(ws), "--nats", nats_server.url]
-    assert await run_cli("memory", "import", str(points), *common) == 0
-    capsys.readouterr()
+    # the malformed last line is skipped and named; like cp, that makes the exit status 1
+    assert await run_cli("memory", "import", str(points), *common) == 1
+    assert f"skipped: {points}:3:" in capsys.readouterr().err
     assert await run_cli("corpus", "stats", "--json", *common, "--watermark", "wm.json") == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats == {
@@ -249,6 +250,7 @@ async def test_import_stats_and_dead_letters(
         "pairs": 3,
         "pairs_since_watermark": 3,
         "points_without_pairs": 0,
+        "withheld": 0,
     }
 
     # a malformed message on the bus is dead-lettered with its reason; the collector goes on
@@ -257,7 +259,7 @@ async def test_import_stats_and_dead_letters(
         subjects.MEMORY_POINT_CREATED,
         json.dumps({"id": 3, "content": "User: one more?\nAssistant: Yes, one more."}).encode(),
     )
-    assert await run_cli("memory", "import", str(points), *common) == 0  # runs the collector
+    assert await run_cli("memory", "import", str(points), *common) == 1  # runs the collector
     capsys.readouterr()
     assert await run_cli("dlq", "list", "--json", *common) == 0
     letters = json.loads(capsys.readouterr().out)

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.config_updater import json_style, render_config, write_config
+from services.model_config import json_style, render_config, write_config
 from shared import subjects
 from shared.messages import RollbackRequested
 from tests.test_config_updater import APP_CONFIG, Recorder, text, updater, validated

@@ -24,6 +24,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+from shared.files import ensure_private_dir
+
 if TYPE_CHECKING:
     import torch
 
@@ -362,7 +364,7 @@ class _PrivateOutput:
     tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.out.parent)
         fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
         os.fchmod(fd, 0o600)  # trained on personal conversations
         os.close(fd)

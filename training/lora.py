@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from shared.files import ensure_private_dir
 from shared.messages import LoraHyperparams
 from training.data import IGNORE_INDEX, Dataset, Example, build_dataset, pad_batch
 
@@ -246,10 +247,11 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write `step-NNNNNN/` atomically (temp dir + rename) and prune older checkpoints."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private_dir(directory)
     final = directory / f"{CHECKPOINT_PREFIX}{state['step']:06d}"
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    ensure_private_dir(tmp)  # save_pretrained would make it 0755
     peft_model.save_pretrained(str(tmp), save_embedding_layers=False)  # LoRA only
     torch.save(
         {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt"
