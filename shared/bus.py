@@ -44,6 +44,7 @@ from nats.js.api import (
 from nats.js.object_store import ObjectStore
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from shared import nats_client
 from shared.bus_consumer import (
     MSG_ID_HEADER,
     Delivery,
@@ -53,6 +54,7 @@ from shared.bus_consumer import (
     backoff_delay,
 )
 from shared.messages import DeadLetter, decode, encode
+from shared.nats_client import Denials, NatsAuth, connect_error, redact_url
 from shared.subjects import (
     DEAD_LETTER_PREFIX,
     LORA_OBJECT_BUCKET,
@@ -73,6 +75,7 @@ __all__ = [
     "Expect",
     "NoRespondersError",
     "ObjectNotFoundError",
+    "PermissionDeniedError",
     "RemoteError",
     "RequestTimeoutError",
     "Service",
@@ -118,6 +121,11 @@ class RemoteError(BusError):
 
 class ObjectNotFoundError(BusError, FileNotFoundError):
     """No such key in the object store bucket."""
+
+
+class PermissionDeniedError(BusError, nats_client.PermissionDeniedError):
+    """The server refused a publish or subscription this call needed (the NATS user's
+    permissions): raised at once, not after the call's timeout."""
 
 
 # --- subject → stream (pure) --------------------------------------------------------------------
@@ -179,12 +187,20 @@ class Expect(Generic[T]):
 class Bus:
     """A NATS connection with the project's streams, consumers and conventions."""
 
-    def __init__(self, nc: Client, url: str) -> None:
-        self.url = url
+    def __init__(self, nc: Client, url: str, denials: Denials | None = None) -> None:
+        self.url = redact_url(url)  # printable: no password or token
         self._nc = nc
         self._js = nc.jetstream()
         self._services: list[Service] = []
         self._objects: ObjectStore | None = None
+        self._denials = denials or Denials(PermissionDeniedError)
+        inbox = nc.new_inbox().rsplit(".", 1)[0]
+        # what a JetStream call may be refused: the API, objects, or the replies to our inbox
+        self._api_subjects = ("$JS.>", "$O.>", f"{inbox}.>")
+
+    async def _api(self, call: Awaitable[T], *subjects: str) -> T:
+        """Await a call that needs the JetStream API (and `subjects`); a denial fails it now."""
+        return await self._denials.guard(call, *self._api_subjects, *subjects)
 
     @property
     def nc(self) -> Client:
@@ -197,22 +213,35 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, *, name: str = "mindx", connect_timeout: float = 5.0, attempts: int = 5
+        cls,
+        url: str,
+        *,
+        name: str = "mindx",
+        connect_timeout: float = 5.0,
+        attempts: int = 5,
+        auth: NatsAuth | None = None,
+        manage_streams: bool = True,
     ) -> Bus:
-        """Connect (trying `attempts` times), then create or update every stream in STREAMS."""
+        """Connect (trying `attempts` times) as `auth`'s identity, then create or update every
+        stream in STREAMS (unless `manage_streams` is False: a client that only uses them)."""
         nc: Client | None = None
+        denials = Denials(PermissionDeniedError)
+        shown = redact_url(url)
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats %s: %r", name, exc)
+            denied = denials.record(exc)
+            if denied is None or not denied.awaited:  # else the refused call raises it
+                log.warning("nats %s: %s", name, denied or repr(exc))
 
         async def on_disconnected() -> None:
             if nc is not None and not (nc.is_closed or nc.is_draining):  # not our close()
-                log.warning("nats %s: disconnected from %s", name, url)
+                log.warning("nats %s: disconnected from %s", name, shown)
 
         async def on_reconnected() -> None:
-            log.info("nats %s: reconnected to %s", name, url)
+            log.info("nats %s: reconnected to %s", name, shown)
 
         try:
+            options = auth.connect_kwargs() if auth is not None else {}
             nc = await nats.connect(
                 url,
                 name=name,
@@ -222,33 +251,42 @@ class Bus:
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
+                **options,
             )
         except Exception as exc:
-            raise BusError(f"cannot connect to NATS at {url}: {exc!r}") from exc
+            raise BusError(f"cannot connect to NATS at {shown}: {connect_error(exc)}") from exc
         # Once up, a service rides out server restarts of any length.
         nc.options["max_reconnect_attempts"] = -1
-        bus = cls(nc, url)
+        bus = cls(nc, url, denials)
         try:
-            await bus.ensure_streams()
+            if manage_streams:
+                await bus.ensure_streams()
         except BaseException:
             await nc.close()
             raise
         return bus
 
     async def ensure_streams(self) -> None:
-        """Create missing streams and update changed ones (idempotent; file storage)."""
+        """Create missing streams and update changed ones (idempotent; file storage).
+
+        A user not permitted to manage streams uses them as they are (someone else set them up).
+        """
         for spec in STREAMS:
             config = _stream_config(spec)
             try:
-                await self._js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                # Exists with another config (e.g. an older max_age): update in place.
                 try:
-                    await self._js.update_stream(config)
-                except nats.js.errors.APIError as exc:
-                    raise BusError(
-                        f"stream {spec.name} exists with incompatible config: {exc}"
-                    ) from exc
+                    await self._api(self._js.add_stream(config))
+                except nats.js.errors.BadRequestError:
+                    # Exists with another config (e.g. an older max_age): update in place.
+                    try:
+                        await self._api(self._js.update_stream(config))
+                    except nats.js.errors.APIError as exc:
+                        raise BusError(
+                            f"stream {spec.name} exists with incompatible config: {exc}"
+                        ) from exc
+            except PermissionDeniedError as exc:
+                log.info("streams are not ours to manage (%s); using them as they are", exc)
+                return
 
     async def close(self) -> None:
         """Stop every service (handing back unfinished messages), then drain the connection."""
@@ -301,7 +339,11 @@ class Bus:
                 reraise=True,
             ):
                 with attempt:
-                    await self._js.publish(subject, data, stream=stream, headers=headers)
+                    await self._api(
+                        self._js.publish(subject, data, stream=stream, headers=headers), subject
+                    )
+        except PermissionDeniedError:
+            raise
         except Exception as exc:
             raise BusError(f"publish to {subject} (stream {stream}) failed: {exc!r}") from exc
 
@@ -438,7 +480,7 @@ class Bus:
             max_deliver=-1,
         )
         try:
-            await self._js.add_consumer(spec.stream, config)  # create or update
+            await self._api(self._js.add_consumer(spec.stream, config))  # create or update
         except nats.js.errors.Error as exc:
             raise BusError(
                 f"cannot create consumer {spec.durable} on {spec.stream}: {exc}"
@@ -452,7 +494,7 @@ class Bus:
         state = "consumer not created"
         while True:
             try:
-                info = await self._js.consumer_info(spec.stream, spec.durable)
+                info = await self._api(self._js.consumer_info(spec.stream, spec.durable))
                 if info.num_pending == 0 and info.num_ack_pending == 0:
                     return
                 state = f"{info.num_pending} pending, {info.num_ack_pending} awaiting ack"
@@ -467,7 +509,10 @@ class Bus:
         self, limit: int = 1000, *, subject: str | None = None
     ) -> list[DeadLetter]:
         """The newest `limit` dead letters (oldest first), optionally of one original subject."""
-        info = await self._js.stream_info(DLQ_STREAM)
+        try:
+            info = await self._api(self._js.stream_info(DLQ_STREAM))
+        except nats.js.errors.NotFoundError:
+            return []  # not created yet: nothing was dead-lettered
         state = info.state
         if state.messages == 0 or limit <= 0:
             return []
@@ -484,14 +529,14 @@ class Bus:
             config.opt_start_seq = max(state.first_seq, state.last_seq - limit + 1)
         else:
             config.deliver_policy = DeliverPolicy.ALL
-        created = await self._js.add_consumer(DLQ_STREAM, config)
+        created = await self._api(self._js.add_consumer(DLQ_STREAM, config))
         letters: deque[DeadLetter] = deque(maxlen=limit)
         try:
             left = created.num_pending or 0  # what matches now; later letters are not waited for
             sub = await self._js.pull_subscribe_bind(consumer=name, stream=DLQ_STREAM)
             while left > 0:
                 try:
-                    msgs = await sub.fetch(min(left, 256), timeout=5.0)
+                    msgs = await self._api(sub.fetch(min(left, 256), timeout=5.0))
                 except TimeoutError:
                     break  # messages removed meanwhile (max_age)
                 for msg in msgs:
@@ -529,8 +574,22 @@ class Bus:
             except Exception:
                 log.exception("handler for %s failed", msg.subject)
 
-        sub = await self._nc.subscribe(subject, queue=queue or "", cb=on_msg)
+        sub = await self._subscribe_checked(subject, queue, on_msg)
         return self._track(Service(f"subscribe:{subject}", sub.unsubscribe))
+
+    async def _subscribe_checked(
+        self, subject: str, queue: str | None, cb: Callable[[Msg], Awaitable[None]]
+    ) -> Any:
+        """Subscribe, and raise PermissionDeniedError if the server refuses it (it says so
+        before it answers the flush's ping)."""
+        sub = await self._nc.subscribe(subject, queue=queue or "", cb=cb)
+        await self._nc.flush()
+        denied = self._denials.denied(subject)
+        if denied is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            raise denied
+        return sub
 
     async def reply(
         self,
@@ -563,7 +622,7 @@ class Bus:
                 return
             await msg.respond(encode(answer))
 
-        sub = await self._nc.subscribe(subject, queue=queue or "", cb=on_msg)
+        sub = await self._subscribe_checked(subject, queue, on_msg)
         return self._track(Service(f"reply:{subject}", sub.unsubscribe))
 
     async def request(
@@ -599,10 +658,10 @@ class Bus:
     async def _bucket(self) -> ObjectStore:
         if self._objects is None:
             try:
-                self._objects = await self._js.object_store(LORA_OBJECT_BUCKET)
+                self._objects = await self._api(self._js.object_store(LORA_OBJECT_BUCKET))
             except nats.js.errors.BucketNotFoundError:
-                self._objects = await self._js.create_object_store(
-                    LORA_OBJECT_BUCKET, storage=StorageType.FILE
+                self._objects = await self._api(
+                    self._js.create_object_store(LORA_OBJECT_BUCKET, storage=StorageType.FILE)
                 )
         return self._objects
 
@@ -610,7 +669,7 @@ class Bus:
         """Store the file at `path` under `key` (streamed in chunks; replaces an older one)."""
         bucket = await self._bucket()
         with Path(path).open("rb") as f:  # noqa: ASYNC230 - nats-py reads it in a thread
-            await bucket.put(key, f)
+            await self._api(bucket.put(key, f))
 
     async def get_object(self, key: str, dest: Path) -> Path:
         """Write the object `key` to `dest` (atomically, digest checked); returns `dest`."""
@@ -621,7 +680,7 @@ class Bus:
         try:
             with os.fdopen(fd, "wb") as f:
                 try:
-                    await bucket.get(key, writeinto=f)
+                    await self._api(bucket.get(key, writeinto=f))
                 except nats.js.errors.NotFoundError:  # missing or deleted
                     raise ObjectNotFoundError(
                         f"no object {key!r} in bucket {LORA_OBJECT_BUCKET}"
