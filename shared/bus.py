@@ -228,7 +228,13 @@ class Bus:
         denials = Denials(PermissionDeniedError)
         shown = redact_url(url)
 
+        failed: list[Exception] = []  # while connecting: reported once, by the BusError
+
         async def on_error(exc: Exception) -> None:
+            if nc is None:
+                failed.append(exc)
+                log.debug("nats %s: %r", name, exc)
+                return
             denied = denials.record(exc)
             if denied is None or not denied.awaited:  # else the refused call raises it
                 log.warning("nats %s: %s", name, denied or repr(exc))
@@ -254,7 +260,8 @@ class Bus:
                 **options,
             )
         except Exception as exc:
-            raise BusError(f"cannot connect to NATS at {shown}: {connect_error(exc)}") from exc
+            why = connect_error([*failed, exc])
+            raise BusError(f"cannot connect to NATS at {shown}: {why}") from exc
         # Once up, a service rides out server restarts of any length.
         nc.options["max_reconnect_attempts"] = -1
         bus = cls(nc, url, denials)
@@ -574,22 +581,8 @@ class Bus:
             except Exception:
                 log.exception("handler for %s failed", msg.subject)
 
-        sub = await self._subscribe_checked(subject, queue, on_msg)
+        sub = await self._denials.subscribe(self._nc, subject, queue, on_msg)
         return self._track(Service(f"subscribe:{subject}", sub.unsubscribe))
-
-    async def _subscribe_checked(
-        self, subject: str, queue: str | None, cb: Callable[[Msg], Awaitable[None]]
-    ) -> Any:
-        """Subscribe, and raise PermissionDeniedError if the server refuses it (it says so
-        before it answers the flush's ping)."""
-        sub = await self._nc.subscribe(subject, queue=queue or "", cb=cb)
-        await self._nc.flush()
-        denied = self._denials.denied(subject)
-        if denied is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            raise denied
-        return sub
 
     async def reply(
         self,
@@ -622,7 +615,7 @@ class Bus:
                 return
             await msg.respond(encode(answer))
 
-        sub = await self._subscribe_checked(subject, queue, on_msg)
+        sub = await self._denials.subscribe(self._nc, subject, queue, on_msg)
         return self._track(Service(f"reply:{subject}", sub.unsubscribe))
 
     async def request(
@@ -638,7 +631,9 @@ class Bus:
         Raises NoRespondersError, RequestTimeoutError or RemoteError (all BusError).
         """
         try:
-            msg = await self._nc.request(subject, encode(payload), timeout=timeout)
+            msg = await self._api(
+                self._nc.request(subject, encode(payload), timeout=timeout), subject
+            )
         except nats.errors.NoRespondersError:
             raise NoRespondersError(f"no responders on {subject}") from None
         except TimeoutError:

@@ -10,14 +10,19 @@ timeout (the server answers a denied publish or subscription only with an `-ERR`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 T = TypeVar("T")
 
@@ -113,12 +118,13 @@ class NatsAuth:
         return inbox_prefix(public_key(self.nkey.expanduser().read_bytes()))
 
 
-def connect_error(exc: BaseException) -> str:
-    """Why a connection failed, in words a user can act on."""
-    text = str(exc)
-    if "authorization" in text.lower() or type(exc).__name__ == "AuthorizationError":
-        return "authorization failed (check the user and password, token, nkey or creds)"
-    return text or type(exc).__name__
+def connect_error(errors: list[Exception]) -> str:
+    """Why a connection failed (its errors, oldest first), in words a user can act on."""
+    for exc in errors:
+        if "authorization" in str(exc).lower() or type(exc).__name__ == "AuthorizationError":
+            return "authorization failed (check the user and password, token, nkey or creds)"
+    last = errors[-1]
+    return str(last) or type(last).__name__
 
 
 def redact_url(url: str) -> str:
@@ -173,6 +179,23 @@ class Denials:
     def denied(self, subject: str) -> PermissionDeniedError | None:
         """A denial already seen for `subject` (e.g. a subscription, after a flush)."""
         return next((d for d in reversed(self.seen) if _matches(subject, d.subject)), None)
+
+    async def subscribe(
+        self, nc: Client, subject: str, queue: str | None, cb: Callable[[Msg], Awaitable[None]]
+    ) -> Subscription:
+        """Subscribe, and raise the denial if the server refuses it (the server says so before
+        it answers a ping sent after the SUB)."""
+        sub = await nc.subscribe(subject, queue=queue or "", cb=cb)
+        # nats-py writes a flush's PING ahead of the queued SUB; by the first PONG the SUB is
+        # on the wire, so the second ping follows it
+        await nc.flush()
+        await nc.flush()
+        denied = self.denied(subject)
+        if denied is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            raise denied
+        return sub
 
     async def guard(self, call: Awaitable[T], *patterns: str) -> T:
         """Await `call`; raise PermissionDeniedError instead if, meanwhile, the server denies a
