@@ -54,7 +54,7 @@ from shared.bus_consumer import (
     backoff_delay,
 )
 from shared.messages import DeadLetter, decode, encode
-from shared.nats_client import Denials, NatsAuth, connect_error, redact_url
+from shared.nats_client import Connecting, Denials, NatsAuth, redact_url
 from shared.subjects import (
     DEAD_LETTER_PREFIX,
     LORA_OBJECT_BUCKET,
@@ -228,11 +228,11 @@ class Bus:
         denials = Denials(PermissionDeniedError)
         shown = redact_url(url)
 
-        failed: list[Exception] = []  # while connecting: reported once, by the BusError
+        connecting = Connecting()  # its errors are reported once, by the BusError
 
         async def on_error(exc: Exception) -> None:
             if nc is None:
-                failed.append(exc)
+                connecting.error(exc)
                 log.debug("nats %s: %r", name, exc)
                 return
             denied = denials.record(exc)
@@ -248,19 +248,21 @@ class Bus:
 
         try:
             options = auth.connect_kwargs() if auth is not None else {}
-            nc = await nats.connect(
-                url,
-                name=name,
-                connect_timeout=connect_timeout,
-                reconnect_time_wait=0.5,
-                max_reconnect_attempts=attempts,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-                **options,
+            nc = await connecting.run(
+                nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=connect_timeout,
+                    reconnect_time_wait=0.5,
+                    max_reconnect_attempts=attempts,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                    **options,
+                )
             )
         except Exception as exc:
-            why = connect_error([*failed, exc])
+            why = connecting.reason(exc)
             raise BusError(f"cannot connect to NATS at {shown}: {why}") from exc
         # Once up, a service rides out server restarts of any length.
         nc.options["max_reconnect_attempts"] = -1

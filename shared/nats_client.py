@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import ssl
 from collections import deque
@@ -25,6 +26,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 T = TypeVar("T")
+
+
+def _not_start_tls_eof(record: logging.LogRecord) -> bool:
+    # nats-py upgrades its TCP stream to TLS in place, so asyncio warns at every close of a
+    # TLS connection that the stream's protocol "returns true from eof_received()": harmless.
+    return "eof_received()" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_not_start_tls_eof)
 
 _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
 
@@ -118,13 +128,47 @@ class NatsAuth:
         return inbox_prefix(public_key(self.nkey.expanduser().read_bytes()))
 
 
-def connect_error(errors: list[Exception]) -> str:
-    """Why a connection failed (its errors, oldest first), in words a user can act on."""
-    for exc in errors:
-        if "authorization" in str(exc).lower() or type(exc).__name__ == "AuthorizationError":
+class Connecting:
+    """The errors of a connection being made. A certificate the other side rejects, or
+    credentials the server refuses, end it at once: no retry fixes them (and nats-py may hang
+    after a failed TLS handshake)."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+        self._fatal: asyncio.Future[Exception] | None = None
+
+    def error(self, exc: Exception) -> None:
+        self.errors.append(exc)
+        fatal = isinstance(exc, ssl.SSLError) or _refused(exc)
+        if fatal and self._fatal is not None and not self._fatal.done():
+            self._fatal.set_result(exc)
+
+    async def run(self, connect: Awaitable[T]) -> T:
+        """Await `connect`, or raise the first fatal error reported meanwhile."""
+        self._fatal = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(connect)
+        try:
+            await asyncio.wait({task, self._fatal}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise self._fatal.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def reason(self, exc: Exception) -> str:
+        """Why the connection failed, in words a user can act on."""
+        seen = [*self.errors, exc]
+        if any(_refused(e) for e in seen):
             return "authorization failed (check the user and password, token, nkey or creds)"
-    last = errors[-1]
-    return str(last) or type(last).__name__
+        tls = next((e for e in seen if isinstance(e, ssl.SSLError)), None)
+        if tls is not None:
+            return f"TLS failed: {getattr(tls, 'reason', None) or tls}"
+        return str(exc) or type(exc).__name__
+
+
+def _refused(exc: BaseException) -> bool:
+    return "authorization" in str(exc).lower() or type(exc).__name__ == "AuthorizationError"
 
 
 def redact_url(url: str) -> str:

@@ -9,8 +9,7 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,43 +49,11 @@ from shared.nats_client import NatsAuth
 from shared.nats_server import EmbeddedNats
 from shared.ollama import OllamaClient
 from shared.settings import Settings
+from tests.fixtures_nats import Secured
 
 REPO = Path(__file__).resolve().parents[1]
 EMBED = "qllama/bge-small-zh-v1.5:latest"
 REFUSED_WITHIN_S = 3.0  # a denied call fails at once, not after its timeout (5 s and more)
-
-
-@dataclass
-class Secured:
-    server: EmbeddedNats
-    keys: AuthDir
-    buses: list[Bus]
-
-    async def connect(self, role: Role) -> Bus:
-        """A bus as `role`; the service's comes first: it sets up the streams."""
-        bus = await Bus.connect(
-            self.server.url,
-            name=role,
-            attempts=1,
-            auth=NatsAuth(nkey=self.keys.seed_file(role)),
-            manage_streams=role == "service",
-        )
-        self.buses.append(bus)
-        return bus
-
-
-@pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
-    keys = init_auth_dir(tmp_path / "auth")
-    server = EmbeddedNats(tmp_path / "nats", config=keys.config)
-    await server.start()
-    env = Secured(server, keys, [])
-    try:
-        yield env
-    finally:
-        for bus in env.buses:
-            await bus.close()
-        await server.stop()
 
 
 def point(n: int) -> MemoryPoint:
@@ -152,11 +119,11 @@ def test_ensure_auth_dir_makes_private_keys_once(tmp_path: Path) -> None:
 
 
 async def test_memory_publishes_the_service_collects_and_the_operator_reads_dead_letters(
-    secured: Secured, tmp_path: Path
+    secured_nats: Secured, tmp_path: Path
 ) -> None:
-    service = await secured.connect("service")
-    memory = await secured.connect("memory")
-    operator = await secured.connect("operator")
+    service = await secured_nats.connect("service")
+    memory = await secured_nats.connect("memory")
+    operator = await secured_nats.connect("operator")
     settings = Settings(data_dir=tmp_path / "data")
     collector = await serve_collector(service, settings)
     try:
@@ -176,10 +143,10 @@ async def test_memory_publishes_the_service_collects_and_the_operator_reads_dead
 
 
 async def test_a_validator_serves_cases_under_its_role(
-    secured: Secured, ollama_double: Any
+    secured_nats: Secured, ollama_double: Any
 ) -> None:
-    service = await secured.connect("service")
-    validator = await secured.connect("validator")
+    service = await secured_nats.connect("service")
+    validator = await secured_nats.connect("validator")
     async with OllamaClient(ollama_double.url) as client:
         await serve_validator(validator, client, Embedder(client, EMBED), name="remote-v")
         case = ValidationCase(
@@ -193,9 +160,9 @@ async def test_a_validator_serves_cases_under_its_role(
     assert result.validator == "remote-v" and result.case_id == 0
 
 
-async def test_the_brain_hears_model_updates_and_run_events(secured: Secured) -> None:
-    service = await secured.connect("service")
-    brain = await secured.connect("brain")
+async def test_the_brain_hears_model_updates_and_run_events(secured_nats: Secured) -> None:
+    service = await secured_nats.connect("service")
+    brain = await secured_nats.connect("brain")
     heard: asyncio.Queue[Any] = asyncio.Queue()
 
     async def on_event(ev: Any) -> None:
@@ -213,12 +180,12 @@ async def test_the_brain_hears_model_updates_and_run_events(secured: Secured) ->
 
 
 async def test_a_lora_worker_takes_jobs_and_moves_run_files_under_its_role(
-    secured: Secured, tmp_path: Path, ollama_double: Any
+    secured_nats: Secured, tmp_path: Path, ollama_double: Any
 ) -> None:
     from training import worker
 
-    service = await secured.connect("service")
-    lora = await secured.connect("lora-worker")
+    service = await secured_nats.connect("service")
+    lora = await secured_nats.connect("lora-worker")
     run_id = "20250101_000001"
     names = subjects.RunNames(run_id)
     dataset = tmp_path / "train.jsonl"
@@ -317,10 +284,10 @@ ATTEMPTS: list[tuple[Role, str, Callable[[Bus], Awaitable[Any]]]] = [
 @pytest.mark.parametrize(
     ("role", "attempt"), [(r, a) for r, a, _ in ATTEMPTS], ids=[f"{r}:{a}" for r, a, _ in ATTEMPTS]
 )
-async def test_a_role_is_refused_at_once(secured: Secured, role: Role, attempt: str) -> None:
+async def test_a_role_is_refused_at_once(secured_nats: Secured, role: Role, attempt: str) -> None:
     do = next(f for r, a, f in ATTEMPTS if (r, a) == (role, attempt))
-    service = await secured.connect("service")
-    bus = await secured.connect(role)
+    service = await secured_nats.connect("service")
+    bus = await secured_nats.connect(role)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(PermissionDeniedError, match="not permitted to"):
@@ -333,21 +300,21 @@ async def test_a_role_is_refused_at_once(secured: Secured, role: Role, attempt: 
         await bus.publish(subjects.MEMORY_POINT_CREATED, point(1))
 
 
-async def test_no_role_reads_another_ones_inbox(secured: Secured) -> None:
-    service = await secured.connect("service")
-    service_inbox = inbox_prefix(public_key(secured.keys.seed_file("service").read_bytes()))
+async def test_no_role_reads_another_ones_inbox(secured_nats: Secured) -> None:
+    service = await secured_nats.connect("service")
+    service_inbox = inbox_prefix(public_key(secured_nats.keys.seed_file("service").read_bytes()))
     assert service.nc.new_inbox().startswith(service_inbox + ".")
     for role in ROLES:
         if role == "service":
             continue
-        bus = await secured.connect(role)
+        bus = await secured_nats.connect(role)
         with pytest.raises(PermissionDeniedError):
             await _subscribe(f"{service_inbox}.>")(bus)
 
 
-async def test_a_denied_core_publish_reaches_nobody(secured: Secured) -> None:
-    service = await secured.connect("service")
-    brain = await secured.connect("brain")
+async def test_a_denied_core_publish_reaches_nobody(secured_nats: Secured) -> None:
+    service = await secured_nats.connect("service")
+    brain = await secured_nats.connect("brain")
     heard: list[Any] = []
 
     async def on_progress(ev: Any) -> None:
