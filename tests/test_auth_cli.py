@@ -258,7 +258,17 @@ def make_pki(tmp: Path) -> dict[str, Path]:
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
     (tmp / "other").mkdir()
     for ca in ("ca", "other/ca"):
-        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-subj", f"/CN={ca}")
+        run(
+            "req",
+            "-x509",
+            *ec,
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-subj",
+            f"/CN={ca.replace('/', '-')}",
+        )
     for name, ext in (
         ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
         ("client", "extendedKeyUsage=clientAuth\n"),
