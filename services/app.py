@@ -170,7 +170,9 @@ class Endpoint:
         from shared.nats_client import NatsAuth
 
         auth = NatsAuth(nkey=self.keys.seed_file(role)) if self.keys else self.settings.nats_auth()
-        bus = await Bus.connect(self.url, auth=auth, manage_streams=role == "service")
+        bus = await Bus.connect(
+            self.url, name=f"mindx-{role}", auth=auth, manage_streams=role == "service"
+        )
         try:
             yield bus
         finally:

@@ -630,7 +630,8 @@ class Bus:
     ) -> R:
         """One request, one typed reply.
 
-        Raises NoRespondersError, RequestTimeoutError or RemoteError (all BusError).
+        Raises NoRespondersError, RequestTimeoutError, RemoteError or PermissionDeniedError
+        (all BusError).
         """
         try:
             msg = await self._api(

@@ -205,7 +205,8 @@ class Denials:
     def __init__(self, error: type[PermissionDeniedError] = PermissionDeniedError) -> None:
         self._error = error  # the class raised (the bus raises its own, a BusError)
         self.seen: deque[PermissionDeniedError] = deque(maxlen=64)
-        self._waiters: list[tuple[tuple[str, ...], asyncio.Future[PermissionDeniedError]]] = []
+        # guarded calls in flight: the subjects they may be refused, and the denial if they were
+        self._calls: dict[asyncio.Future[Any], tuple[tuple[str, ...], list[Exception]]] = {}
 
     def record(self, error: BaseException) -> PermissionDeniedError | None:
         """The denial that `error` reports, or None when it is something else."""
@@ -214,9 +215,9 @@ class Denials:
             return None
         denied = self._error(found.group(1).lower(), found.group(2))
         self.seen.append(denied)
-        for patterns, fut in self._waiters:
-            if not fut.done() and any(_matches(p, denied.subject) for p in patterns):
-                fut.set_result(denied)
+        for call, (patterns, refused) in self._calls.items():
+            if any(_matches(p, denied.subject) for p in patterns) and call.cancel():
+                refused.append(denied)
                 denied.awaited = True
         return denied
 
@@ -243,18 +244,16 @@ class Denials:
 
     async def guard(self, call: Awaitable[T], *patterns: str) -> T:
         """Await `call`; raise PermissionDeniedError instead if, meanwhile, the server denies a
-        subject matching one of `patterns`."""
-        fut: asyncio.Future[PermissionDeniedError] = asyncio.get_running_loop().create_future()
-        entry = (patterns, fut)
-        self._waiters.append(entry)
+        subject matching one of `patterns` (`record` cancels the call)."""
         task = asyncio.ensure_future(call)
+        refused: list[Exception] = []
+        self._calls[task] = (patterns, refused)
         try:
-            await asyncio.wait({task, fut}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                return task.result()
-            task.cancel()
-            raise fut.result()
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if refused and not (current and current.cancelling()):  # not our caller's cancel
+                raise refused[0] from None
+            raise
         finally:
-            self._waiters.remove(entry)
-            if not task.done():
-                task.cancel()
+            del self._calls[task]
