@@ -32,6 +32,7 @@ from shared.settings import Settings
 
 if TYPE_CHECKING:
     from shared.bus import Bus
+    from shared.nats_auth import AuthDir, Role
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +168,60 @@ class UserFacingError(Exception):
     """An expected failure the user can fix (a missing file, an unreachable server): one line."""
 
 
-@contextlib.asynccontextmanager
-async def connect(settings: Settings) -> AsyncIterator[Bus]:
-    """The bus: the configured NATS, else an embedded server stored under the data dir."""
-    from shared.bus import Bus
-    from shared.nats_server import ensure_nats
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the bus is, and as whom this process connects to it."""
 
-    async with ensure_nats(settings.nats, settings.data_path / "nats") as url:
-        bus = await Bus.connect(url, streams=subjects.streams(settings.memory_retention_days))
+    url: str
+    settings: Settings
+    keys: AuthDir | None  # the embedded server's own keys; None: the configured options
+
+    @contextlib.asynccontextmanager
+    async def connect(self, role: Role) -> AsyncIterator[Bus]:
+        """A bus connection as `role` (on the embedded server; elsewhere as the configured
+        user, whose permissions the server decides). Only the service sets up streams."""
+        from shared.bus import Bus
+        from shared.nats_client import NatsAuth
+
+        auth = NatsAuth(nkey=self.keys.seed_file(role)) if self.keys else self.settings.nats_auth()
+        bus = await Bus.connect(
+            self.url,
+            name=f"mindx-{role}",
+            auth=auth,
+            manage_streams=role == "service",
+            streams=subjects.streams(self.settings.memory_retention_days),
+        )
         try:
             yield bus
         finally:
             await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def endpoint(settings: Settings) -> AsyncIterator[Endpoint]:
+    """The configured NATS, else an embedded server for the data dir, which requires auth:
+    its keys (one per role, see shared.nats_auth) are made once under `<data-dir>/auth`."""
+    from shared.nats_auth import ensure_auth_dir
+    from shared.nats_server import ensure_nats
+
+    if settings.nats:
+        yield Endpoint(settings.nats, settings, None)
+        return
+    if settings.nats_auth().any:
+        raise UserFacingError(
+            "NATS connection options need a NATS URL (--nats or NATS_URL); the embedded "
+            f"server uses its own keys under {settings.data_path / 'auth'}"
+        )
+    keys = ensure_auth_dir(settings.data_path / "auth")
+    async with ensure_nats(None, settings.data_path / "nats", config=keys.config) as url:
+        yield Endpoint(url, settings, keys)
+
+
+@contextlib.asynccontextmanager
+async def connect(settings: Settings, role: Role = "service") -> AsyncIterator[Bus]:
+    """The bus as `role`: the configured NATS, else an embedded server under the data dir."""
+    async with endpoint(settings) as where, where.connect(role) as bus:
+        yield bus
 
 
 async def check_backend(res: Resources) -> None:
@@ -227,10 +270,15 @@ async def publish_memory(bus: Bus, files: Sequence[Path]) -> Imported:
 
 async def import_memory(settings: Settings, files: Sequence[Path]) -> Imported:
     """Publish the files' points and wait until the collector has stored them."""
-    async with connect(settings) as bus, resources(settings) as res:
+    async with (
+        endpoint(settings) as where,
+        where.connect("service") as bus,
+        where.connect("memory") as memory,  # the points come in as the app's memory would
+        resources(settings) as res,
+    ):
         services = await start(bus, res, ["collector"])
         try:
-            imported = await publish_memory(bus, files)
+            imported = await publish_memory(memory, files)
             await bus.wait_idle(subjects.COLLECTOR, timeout=IMPORT_WAIT_S)
         finally:
             await stop(services)
@@ -319,12 +367,17 @@ async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
     from services.model_config import config_key, same_config
 
     config = config_key(settings.config_path)
-    async with connect(settings) as bus, resources(settings) as res:
+    async with (
+        endpoint(settings) as where,
+        where.connect("service") as bus,
+        where.connect("operator") as operator,  # the request comes as an operator's would
+        resources(settings) as res,
+    ):
         services = await start(bus, res, ["config-updater"])
         try:
             request_id = uuid.uuid4().hex
             try:
-                outcome = await bus.publish_and_wait(
+                outcome = await operator.publish_and_wait(
                     subjects.MODEL_ROLLBACK_REQUESTED,
                     RollbackRequested(config_path=config, request_id=request_id, backup=backup),
                     msg_id=request_id,
@@ -364,5 +417,5 @@ async def init(settings: Settings) -> tuple[str, list[str]]:
 
 
 async def dead_letters(settings: Settings) -> list[DeadLetter]:
-    async with connect(settings) as bus:
+    async with connect(settings, "operator") as bus:
         return await bus.dead_letters()

@@ -46,7 +46,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="app model config (default: config/models.json)")
     g.add_argument("--training-dir", dest="training_dir", help="run files (default: training)")
     g.add_argument("--watermark", help="last-train-time file")
-    g.add_argument("--nats", help="NATS URL (default: NATS_URL, else an embedded server)")
+    g.add_argument(
+        "--nats", help="NATS URL, user:password@ allowed (default: NATS_URL, else embedded)"
+    )
+    _nats_flags(p)
     g.add_argument("--backend", choices=["ollama", "local"], help="model backend")
     g.add_argument("--ollama", help="Ollama URL (default: OLLAMA_HOST or 127.0.0.1:11434)")
     g.add_argument("--embed-model", dest="embed_model", help="embedding model")
@@ -78,6 +81,24 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="a run failing after this many seconds (default: 2 h; LoRA: time budget + 2 h, "
         "else 24 h)",
+    )
+
+
+def _nats_flags(p: argparse.ArgumentParser) -> None:
+    """natscli's connection options; an embedded server uses its own keys instead."""
+    g = p.add_argument_group("NATS connection (natscli's names; env in brackets)")
+    g.add_argument("--nats-user", metavar="USER", help="user name [NATS_USER]")
+    g.add_argument("--nats-password", metavar="PASSWORD", help="password [NATS_PASSWORD]")
+    g.add_argument("--nats-token", metavar="TOKEN", help="token [NATS_TOKEN]")
+    g.add_argument("--nats-creds", metavar="FILE", help="user JWT credentials file [NATS_CREDS]")
+    g.add_argument("--nats-nkey", metavar="FILE", help="nkey seed file [NATS_NKEY]")
+    g.add_argument("--nats-tls-ca", metavar="FILE", help="CA to verify the server [NATS_CA]")
+    g.add_argument("--nats-tls-cert", metavar="FILE", help="client certificate [NATS_CERT]")
+    g.add_argument("--nats-tls-key", metavar="FILE", help="client certificate key [NATS_KEY]")
+    g.add_argument(
+        "--nats-inbox-prefix",
+        metavar="PREFIX",
+        help="reply subjects' prefix (default: _INBOX.<public key> with an nkey, else _INBOX)",
     )
 
 
@@ -179,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="JSON Schema of every subject's payload, as one document")
     p.set_defaults(func=cmd_schema, debug=False)
 
+    p = sub.add_parser("auth", help="NATS users for each role")
+    asub = p.add_subparsers(dest="auth_command", required=True)
+    q = asub.add_parser(
+        "init", help="write DIR/nats-server.conf (an authorization block) and a seed per role"
+    )
+    q.add_argument("dir", type=Path, help="a new or empty directory (made 0700)")
+    q.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also MINDX_DEBUG=1)"
+    )
+    q.set_defaults(func=cmd_auth_init)
+
     p = sub.add_parser("report", help="summary of a run report (default: the latest)")
     _common(p)
     p.add_argument("run_id", nargs="?")
@@ -216,6 +248,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         AuthorizationError,
         StaleConnectionError,
         FileNotFoundError,
+        FileExistsError,
         PermissionError,
     )
 
@@ -359,6 +392,20 @@ async def cmd_schema(settings: Settings, args: argparse.Namespace) -> int:
     from shared.subjects import contract_schema
 
     print(json.dumps(contract_schema(), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+async def cmd_auth_init(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.nats_auth import ROLE_PURPOSE, init_auth_dir
+
+    auth = init_auth_dir(args.dir)
+    print(f"wrote {auth.config}")
+    for role in auth.roles:
+        print(f"  {auth.seed_file(role)}  {role}: {ROLE_PURPOSE[role]}")
+    print(
+        f"start the server with `nats-server -js -c {auth.config}`, and each component with "
+        "--nats URL --nats-nkey <its role's seed file>"
+    )
     return EXIT_OK
 
 

@@ -18,13 +18,11 @@ import contextlib
 import logging
 import os
 import socket
-import tempfile
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -39,7 +37,6 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     Header,
-    KeyValueConfig,
     StorageType,
     StreamConfig,
 )
@@ -56,13 +53,21 @@ from shared.bus_consumer import (
     Service,
     backoff_delay,
 )
-from shared.files import ensure_private_dir
+from shared.bus_errors import (
+    BusError,
+    NoRespondersError,
+    ObjectNotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RemoteError,
+    RequestTimeoutError,
+)
+from shared.bus_storage import Storage
 from shared.messages import DeadLetter, decode, encode
+from shared.nats_client import Connecting, Denials, NatsAuth, redact_url
 from shared.subjects import (
     DEAD_LETTER_PREFIX,
-    LORA_OBJECT_BUCKET,
     STREAMS,
-    BucketSpec,
     ConsumerSpec,
     StreamSpec,
     dead_letter_subject,
@@ -80,6 +85,7 @@ __all__ = [
     "NoRespondersError",
     "ObjectNotFoundError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "Rejected",
     "RemoteError",
     "RequestTimeoutError",
@@ -99,37 +105,6 @@ R = TypeVar("R")
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 DLQ_STREAM = next(s.name for s in STREAMS if s.subjects == [f"{DEAD_LETTER_PREFIX}.>"])
-
-
-# --- errors -------------------------------------------------------------------------------------
-
-
-class BusError(Exception):
-    """Anything the bus could not do; catch this to handle every bus failure."""
-
-
-class RequestTimeoutError(BusError, TimeoutError):
-    """No reply, or the awaited state, within the timeout."""
-
-
-class NoRespondersError(BusError):
-    """Nobody listens on the request subject (answered at once by the server)."""
-
-
-class RemoteError(BusError):
-    """The responder received the request but failed; the message is its error."""
-
-    def __init__(self, message: str, code: str = "500") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ObjectNotFoundError(BusError, FileNotFoundError):
-    """No such key in the object store bucket."""
-
-
-class PayloadTooLargeError(BusError):
-    """The message is over the server's max_payload; sending it would close the connection."""
 
 
 # --- subject → stream (pure) --------------------------------------------------------------------
@@ -188,16 +163,24 @@ class Expect(Generic[T]):
 # --- the bus ------------------------------------------------------------------------------------
 
 
-class Bus:
+class Bus(Storage):
     """A NATS connection with the project's streams, consumers and conventions."""
 
-    def __init__(self, nc: Client, url: str) -> None:
-        self.url = url
+    def __init__(self, nc: Client, url: str, denials: Denials | None = None) -> None:
+        self.url = redact_url(url)  # printable: no password or token
         self._nc = nc
         self._js = nc.jetstream()
         self._services: list[Service] = []
         self._objects: ObjectStore | None = None
         self._buckets: dict[str, KeyValue] = {}
+        self._denials = denials or Denials(PermissionDeniedError)
+        inbox = nc.new_inbox().rsplit(".", 1)[0]
+        # what a JetStream call may be refused: the API, objects, or the replies to our inbox
+        self._api_subjects = ("$JS.>", "$O.>", f"{inbox}.>")
+
+    async def _api(self, call: Awaitable[T], *subjects: str) -> T:
+        """Await a call that needs the JetStream API (and `subjects`); a denial fails it now."""
+        return await self._denials.guard(call, *self._api_subjects, *subjects)
 
     @property
     def nc(self) -> Client:
@@ -217,57 +200,83 @@ class Bus:
         connect_timeout: float = 5.0,
         attempts: int = 5,
         streams: Sequence[StreamSpec] = STREAMS,
+        auth: NatsAuth | None = None,
+        manage_streams: bool = True,
     ) -> Bus:
-        """Connect (trying `attempts` times), then create or update every stream of `streams`."""
+        """Connect (trying `attempts` times) as `auth`'s identity, then create or update every
+        stream of `streams` (unless `manage_streams` is False: a client that only uses them)."""
         nc: Client | None = None
+        denials = Denials(PermissionDeniedError)
+        shown = redact_url(url)
+
+        connecting = Connecting()  # its errors are reported once, by the BusError
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats %s: %r", name, exc)
+            if nc is None:
+                connecting.error(exc)
+                log.debug("nats %s: %r", name, exc)
+                return
+            denied = denials.record(exc)
+            if denied is None or not denied.awaited:  # else the refused call raises it
+                log.warning("nats %s: %s", name, denied or repr(exc))
 
         async def on_disconnected() -> None:
             if nc is not None and not (nc.is_closed or nc.is_draining):  # not our close()
-                log.warning("nats %s: disconnected from %s", name, url)
+                log.warning("nats %s: disconnected from %s", name, shown)
 
         async def on_reconnected() -> None:
-            log.info("nats %s: reconnected to %s", name, url)
+            log.info("nats %s: reconnected to %s", name, shown)
 
         try:
-            nc = await nats.connect(
-                url,
-                name=name,
-                connect_timeout=connect_timeout,
-                reconnect_time_wait=0.5,
-                max_reconnect_attempts=attempts,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
+            options = auth.connect_kwargs() if auth is not None else {}
+            nc = await connecting.run(
+                nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=connect_timeout,
+                    reconnect_time_wait=0.5,
+                    max_reconnect_attempts=attempts,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                    **options,
+                )
             )
         except Exception as exc:
-            raise BusError(f"cannot connect to NATS at {url}: {exc!r}") from exc
+            why = connecting.reason(exc)
+            raise BusError(f"cannot connect to NATS at {shown}: {why}") from exc
         # Once up, a service rides out server restarts of any length.
         nc.options["max_reconnect_attempts"] = -1
-        bus = cls(nc, url)
+        bus = cls(nc, url, denials)
         try:
-            await bus.ensure_streams(streams)
+            if manage_streams:
+                await bus.ensure_streams(streams)
         except BaseException:
             await nc.close()
             raise
         return bus
 
     async def ensure_streams(self, streams: Sequence[StreamSpec] = STREAMS) -> None:
-        """Create missing streams and update changed ones (idempotent; file storage)."""
+        """Create missing streams and update changed ones (idempotent; file storage).
+
+        A user not permitted to manage streams uses them as they are (someone else set them up).
+        """
         for spec in streams:
             config = _stream_config(spec)
             try:
-                await self._js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                # Exists with another config (e.g. an older max_age): update in place.
                 try:
-                    await self._js.update_stream(config)
-                except nats.js.errors.APIError as exc:
-                    raise BusError(
-                        f"stream {spec.name} exists with incompatible config: {exc}"
-                    ) from exc
+                    await self._api(self._js.add_stream(config))
+                except nats.js.errors.BadRequestError:
+                    # Exists with another config (e.g. an older max_age): update in place.
+                    try:
+                        await self._api(self._js.update_stream(config))
+                    except nats.js.errors.APIError as exc:
+                        raise BusError(
+                            f"stream {spec.name} exists with incompatible config: {exc}"
+                        ) from exc
+            except PermissionDeniedError as exc:
+                log.info("streams are not ours to manage (%s); using them as they are", exc)
+                return
 
     async def close(self) -> None:
         """Stop every service (handing back unfinished messages), then drain the connection."""
@@ -323,7 +332,11 @@ class Bus:
                 reraise=True,
             ):
                 with attempt:
-                    await self._js.publish(subject, data, stream=stream, headers=headers)
+                    await self._api(
+                        self._js.publish(subject, data, stream=stream, headers=headers), subject
+                    )
+        except PermissionDeniedError:
+            raise
         except Exception as exc:
             raise BusError(f"publish to {subject} (stream {stream}) failed: {exc!r}") from exc
 
@@ -472,7 +485,7 @@ class Bus:
             max_deliver=-1,
         )
         try:
-            await self._js.add_consumer(spec.stream, config)  # create or update
+            await self._api(self._js.add_consumer(spec.stream, config))  # create or update
         except nats.js.errors.Error as exc:
             raise BusError(
                 f"cannot create consumer {spec.durable} on {spec.stream}: {exc}"
@@ -486,7 +499,7 @@ class Bus:
         state = "consumer not created"
         while True:
             try:
-                info = await self._js.consumer_info(spec.stream, spec.durable)
+                info = await self._api(self._js.consumer_info(spec.stream, spec.durable))
                 if info.num_pending == 0 and info.num_ack_pending == 0:
                     return
                 state = f"{info.num_pending} pending, {info.num_ack_pending} awaiting ack"
@@ -501,7 +514,10 @@ class Bus:
         self, limit: int = 1000, *, subject: str | None = None
     ) -> list[DeadLetter]:
         """The newest `limit` dead letters (oldest first), optionally of one original subject."""
-        info = await self._js.stream_info(DLQ_STREAM)
+        try:
+            info = await self._api(self._js.stream_info(DLQ_STREAM))
+        except nats.js.errors.NotFoundError:
+            return []  # not created yet: nothing was dead-lettered
         state = info.state
         if state.messages == 0 or limit <= 0:
             return []
@@ -518,14 +534,14 @@ class Bus:
             config.opt_start_seq = max(state.first_seq, state.last_seq - limit + 1)
         else:
             config.deliver_policy = DeliverPolicy.ALL
-        created = await self._js.add_consumer(DLQ_STREAM, config)
+        created = await self._api(self._js.add_consumer(DLQ_STREAM, config))
         letters: deque[DeadLetter] = deque(maxlen=limit)
         try:
             left = created.num_pending or 0  # what matches now; later letters are not waited for
             sub = await self._js.pull_subscribe_bind(consumer=name, stream=DLQ_STREAM)
             while left > 0:
                 try:
-                    msgs = await sub.fetch(min(left, 256), timeout=5.0)
+                    msgs = await self._api(sub.fetch(min(left, 256), timeout=5.0))
                 except TimeoutError:
                     break  # messages removed meanwhile (max_age)
                 for msg in msgs:
@@ -563,7 +579,7 @@ class Bus:
             except Exception:
                 log.exception("handler for %s failed", msg.subject)
 
-        sub = await self._nc.subscribe(subject, queue=queue or "", cb=on_msg)
+        sub = await self._denials.subscribe(self._nc, subject, queue, on_msg)
         return self._track(Service(f"subscribe:{subject}", sub.unsubscribe))
 
     async def reply(
@@ -601,7 +617,7 @@ class Bus:
                 return
             await msg.respond(encode(answer))
 
-        sub = await self._nc.subscribe(subject, queue=queue or "", cb=on_msg)
+        sub = await self._denials.subscribe(self._nc, subject, queue, on_msg)
         return self._track(Service(f"reply:{subject}", sub.unsubscribe))
 
     async def request(
@@ -614,10 +630,13 @@ class Bus:
     ) -> R:
         """One request, one typed reply.
 
-        Raises NoRespondersError, RequestTimeoutError or RemoteError (all BusError).
+        Raises NoRespondersError, RequestTimeoutError, RemoteError or PermissionDeniedError
+        (all BusError).
         """
         try:
-            msg = await self._nc.request(subject, encode(payload), timeout=timeout)
+            msg = await self._api(
+                self._nc.request(subject, encode(payload), timeout=timeout), subject
+            )
         except nats.errors.NoRespondersError:
             raise NoRespondersError(f"no responders on {subject}") from None
         except TimeoutError:
@@ -631,75 +650,3 @@ class Bus:
             return decode(msg.data, reply_type)
         except msgspec.DecodeError as exc:
             raise BusError(f"undecodable reply on {subject}: {exc}") from exc
-
-    # --- object store -------------------------------------------------------------------------
-
-    async def _bucket(self) -> ObjectStore:
-        if self._objects is None:
-            try:
-                self._objects = await self._js.object_store(LORA_OBJECT_BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                self._objects = await self._js.create_object_store(
-                    LORA_OBJECT_BUCKET, storage=StorageType.FILE
-                )
-        return self._objects
-
-    async def put_object(self, key: str, path: Path) -> None:
-        """Store the file at `path` under `key` (streamed in chunks; replaces an older one)."""
-        bucket = await self._bucket()
-        with Path(path).open("rb") as f:  # noqa: ASYNC230 - nats-py reads it in a thread
-            await bucket.put(key, f)
-
-    async def get_object(self, key: str, dest: Path) -> Path:
-        """Write the object `key` to `dest` (atomically, digest checked); returns `dest`."""
-        bucket = await self._bucket()
-        dest = Path(dest)
-        ensure_private_dir(dest.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    await bucket.get(key, writeinto=f)
-                except nats.js.errors.NotFoundError:  # missing or deleted
-                    raise ObjectNotFoundError(
-                        f"no object {key!r} in bucket {LORA_OBJECT_BUCKET}"
-                    ) from None
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return dest
-
-    # --- key-value records --------------------------------------------------------------------
-
-    async def _kv(self, spec: BucketSpec, *, create: bool) -> KeyValue | None:
-        if spec.name not in self._buckets:
-            try:
-                self._buckets[spec.name] = await self._js.key_value(spec.name)
-            except nats.js.errors.BucketNotFoundError:
-                if not create:
-                    return None
-                config = KeyValueConfig(spec.name, ttl=spec.max_age_s, storage=StorageType.FILE)
-                self._buckets[spec.name] = await self._js.create_key_value(config)
-        return self._buckets[spec.name]
-
-    async def put_record(self, spec: BucketSpec, key: str, payload: msgspec.Struct) -> int:
-        """Store `payload` under `key` (replacing the older value); returns its revision."""
-        try:
-            kv = await self._kv(spec, create=True)
-            assert kv is not None  # created when missing
-            return await kv.put(key, encode(payload))
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot store {key!r} in bucket {spec.name}: {exc!r}") from exc
-
-    async def get_record(self, spec: BucketSpec, key: str, typ: type[T]) -> T | None:
-        """The value under `key` as `typ`; None when there is none. BusError when unreadable."""
-        try:
-            kv = await self._kv(spec, create=False)
-            entry = await kv.get(key) if kv is not None else None
-            return decode(entry.value or b"", typ) if entry is not None else None
-        except nats.js.errors.KeyNotFoundError:  # KeyDeletedError too
-            return None
-        except (nats.errors.Error, msgspec.DecodeError) as exc:
-            raise BusError(f"cannot read {key!r} from bucket {spec.name}: {exc!r}") from exc

@@ -74,6 +74,7 @@ class EmbeddedNats:
 
     The first start takes a free port (`-p -1`); `restart()` reuses that port and the same store,
     so connected clients reconnect and JetStream data survives (what crash tests need).
+    `config` is a config file loaded first (`-c`), e.g. the authorization of shared.nats_auth.
     """
 
     def __init__(
@@ -84,8 +85,10 @@ class EmbeddedNats:
         port: int = -1,
         start_timeout: float = 15.0,
         binary: str | None = None,
+        config: Path | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
+        self.config = config
         self.host = host
         self.port = port
         self.start_timeout = start_timeout
@@ -121,6 +124,7 @@ class EmbeddedNats:
             str(self.port),
             "-sd",
             str(self.store_dir),
+            *(["-c", str(self.config)] if self.config else []),
         ]
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -244,10 +248,13 @@ class EmbeddedNats:
 
 
 @contextlib.asynccontextmanager
-async def ensure_nats(url: str | None, store_dir: Path) -> AsyncIterator[str]:
-    """Yield `url` when one is given; otherwise run an embedded server under `store_dir`."""
+async def ensure_nats(
+    url: str | None, store_dir: Path, *, config: Path | None = None
+) -> AsyncIterator[str]:
+    """Yield `url` when one is given; otherwise run an embedded server under `store_dir`
+    (with `config` loaded, e.g. its authorization)."""
     if url:
         yield url
         return
-    async with EmbeddedNats(store_dir) as server:
+    async with EmbeddedNats(store_dir, config=config) as server:
         yield server.url

@@ -1,7 +1,8 @@
 """The one settings object: CLI flags > environment > defaults.
 
 Every field can be set from the environment as `MINDX_<FIELD>` (upper case); a few keep the
-names the ecosystem already uses (`NATS_URL`, `OLLAMA_HOST`).
+names the ecosystem already uses (`NATS_URL`, `OLLAMA_HOST`, and natscli's `NATS_USER`,
+`NATS_PASSWORD`, `NATS_TOKEN`, `NATS_CREDS`, `NATS_NKEY`, `NATS_CA`, `NATS_CERT`, `NATS_KEY`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from shared import bundled
 from shared.messages import ExportMode, LoraHyperparams, Mode
+from shared.nats_client import NatsAuth, redact_url
 from shared.subjects import MEMORY_RETENTION_DAYS
 
 Backend = Literal["ollama", "local"]
@@ -26,7 +28,19 @@ DEFAULT_OLLAMA_BASE = "qwen3:0.6b"
 DEFAULT_LOCAL_BASE = bundled.CHAT_NAMES[0]
 
 # Environment names used by the wider ecosystem, besides MINDX_<FIELD>.
-_ENV_ALIASES = {"nats": "NATS_URL", "ollama": "OLLAMA_HOST"}
+_ENV_ALIASES = {
+    "nats": "NATS_URL",
+    "ollama": "OLLAMA_HOST",
+    # natscli's names
+    "nats_user": "NATS_USER",
+    "nats_password": "NATS_PASSWORD",
+    "nats_token": "NATS_TOKEN",
+    "nats_creds": "NATS_CREDS",
+    "nats_nkey": "NATS_NKEY",
+    "nats_tls_ca": "NATS_CA",
+    "nats_tls_cert": "NATS_CERT",
+    "nats_tls_key": "NATS_KEY",
+}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LORA = LoraHyperparams()  # the LoRA defaults live there
 
@@ -47,7 +61,17 @@ class Settings:
     keep_backups: int = 10
 
     # bus and backend
-    nats: str | None = None  # None: start an embedded nats-server
+    nats: str | None = None  # None: start an embedded nats-server (user:password@ works)
+    # how to authenticate with `nats` (an embedded server uses its own keys, see nats_auth)
+    nats_user: str | None = None
+    nats_password: str | None = field(default=None, repr=False)
+    nats_token: str | None = field(default=None, repr=False)
+    nats_creds: Path | None = None  # a .creds file (user JWT and nkey seed)
+    nats_nkey: Path | None = None  # an nkey seed file
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    nats_inbox_prefix: str | None = None  # None: `_INBOX.<public key>` with an nkey, else _INBOX
     memory_retention_days: float = MEMORY_RETENTION_DAYS  # how long the stream keeps a point
     backend: Backend = "ollama"
     ollama: str = "http://127.0.0.1:11434"
@@ -184,6 +208,17 @@ class Settings:
             values["ollama"] = normalize_ollama_host(values["ollama"])
         return cls(**values)
 
+    def __repr__(self) -> str:
+        # Settings are logged: never a password or token, in a field or in the NATS URL.
+        shown = []
+        for f in fields(self):
+            if f.repr:
+                value = getattr(self, f.name)
+                if f.name == "nats" and value:
+                    value = redact_url(value)
+                shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes`, validated like any other Settings."""
         return dataclasses.replace(self, **changes)
@@ -260,7 +295,22 @@ class Settings:
                 and all(isinstance(k, str) for k in self.app_options),
                 f"app_options must be a JSON object, got {self.app_options!r}",
             ),
+            *((False, problem) for problem in self.nats_auth().problems()),
         ]
+
+    def nats_auth(self) -> NatsAuth:
+        """The connection options for `nats` (the one place setting names map to them)."""
+        return NatsAuth(
+            user=self.nats_user,
+            password=self.nats_password,
+            token=self.nats_token,
+            creds=self.nats_creds,
+            nkey=self.nats_nkey,
+            tls_ca=self.nats_tls_ca,
+            tls_cert=self.nats_tls_cert,
+            tls_key=self.nats_tls_key,
+            inbox_prefix=self.nats_inbox_prefix,
+        )
 
     def lora_hyperparams(self) -> LoraHyperparams:
         """The LoRA job these settings ask for (the one place setting names map to job names)."""

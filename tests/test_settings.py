@@ -28,6 +28,8 @@ REJECTED: list[tuple[dict[str, Any], str]] = [
     ({"min_effect": float("inf")}, "min_effect must be finite"),
     ({"learning_rate": float("nan")}, "learning_rate must be in"),
     ({"bootstrap_samples": 10}, "bootstrap_samples must be >= 100"),
+    ({"nats_password": "pw"}, "a NATS password needs a user"),
+    ({"nats_token": "t", "nats_user": "u"}, "not both"),
     ({"max_error_rate": 1.5}, r"max_error_rate must be in \[0, 1\]"),
     ({"max_error_rate": -0.1}, r"max_error_rate must be in \[0, 1\]"),
     ({"validation_concurrency": 0}, "validation_concurrency must be >= 1"),
@@ -160,3 +162,36 @@ def test_the_apps_request_options_are_read_as_a_json_object() -> None:
         Settings.load({"app_options": "[0.7]"}, env={})
     with pytest.raises(SettingsError, match="app_options must be a JSON object"):
         Settings(app_options=[0.7])  # type: ignore[arg-type]
+
+
+def test_nats_connection_options_come_from_natscli_environment_names() -> None:
+    env = {
+        "NATS_URL": "nats://bus:4222",
+        "NATS_USER": "alice",
+        "NATS_PASSWORD": "pw",
+        "NATS_CREDS": "/keys/service.creds",
+        "NATS_CA": "/pki/ca.pem",
+        "NATS_CERT": "/pki/client.pem",
+        "NATS_KEY": "/pki/client.key",
+    }
+    auth = Settings.load({}, env=env).nats_auth()
+    assert (auth.user, auth.password, auth.nkey) == ("alice", "pw", None)
+    assert (str(auth.creds), str(auth.tls_ca), str(auth.tls_cert), str(auth.tls_key)) == (
+        "/keys/service.creds",
+        "/pki/ca.pem",
+        "/pki/client.pem",
+        "/pki/client.key",
+    )
+    # flags win; NATS_TOKEN and NATS_NKEY too
+    flagged = Settings.load(
+        {"nats_nkey": "/keys/op.nk"}, env={"NATS_TOKEN": "t", "NATS_NKEY": "/x.nk"}
+    )
+    assert (flagged.nats_token, str(flagged.nats_nkey)) == ("t", "/keys/op.nk")
+
+
+def test_settings_never_show_a_password_or_token() -> None:
+    s = Settings(nats="nats://alice:hunter2@bus:4222", nats_user="bob", nats_password="s3cret")
+    shown = repr(s) + str(s)
+    assert "hunter2" not in shown and "s3cret" not in shown
+    assert "nats://alice:***@bus:4222" in shown and "nats_user='bob'" in shown
+    assert "t0k" not in repr(Settings(nats="nats://t0k@bus:4222", nats_token="t0k"))

@@ -1,0 +1,110 @@
+"""The bus's stores: the object store (a LoRA run's dataset and artifacts travel through it)
+and key-value records (the trainer's run records that validators and the config updater check).
+
+A mixin of `shared.bus.Bus`, which provides the JetStream context and the denial guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from shared.bus_errors import BusError, ObjectNotFoundError
+from shared.files import ensure_private_dir
+from shared.messages import decode, encode
+from shared.subjects import LORA_OBJECT_BUCKET, BucketSpec
+
+T = TypeVar("T")
+
+
+class Storage:
+    _js: JetStreamContext
+    _objects: ObjectStore | None
+    _buckets: dict[str, KeyValue]
+
+    async def _api(self, call: Awaitable[T], *subjects: str) -> T:
+        raise NotImplementedError  # the Bus's: a denied call fails at once
+
+    # --- object store -------------------------------------------------------------------------
+
+    async def _bucket(self) -> ObjectStore:
+        if self._objects is None:
+            try:
+                self._objects = await self._api(self._js.object_store(LORA_OBJECT_BUCKET))
+            except nats.js.errors.BucketNotFoundError:
+                self._objects = await self._api(
+                    self._js.create_object_store(LORA_OBJECT_BUCKET, storage=StorageType.FILE)
+                )
+        return self._objects
+
+    async def put_object(self, key: str, path: Path) -> None:
+        """Store the file at `path` under `key` (streamed in chunks; replaces an older one)."""
+        bucket = await self._bucket()
+        with Path(path).open("rb") as f:  # noqa: ASYNC230 - nats-py reads it in a thread
+            await self._api(bucket.put(key, f))
+
+    async def get_object(self, key: str, dest: Path) -> Path:
+        """Write the object `key` to `dest` (atomically, digest checked); returns `dest`."""
+        bucket = await self._bucket()
+        dest = Path(dest)
+        ensure_private_dir(dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    await self._api(bucket.get(key, writeinto=f))
+                except nats.js.errors.NotFoundError:  # missing or deleted
+                    raise ObjectNotFoundError(
+                        f"no object {key!r} in bucket {LORA_OBJECT_BUCKET}"
+                    ) from None
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return dest
+
+    # --- key-value records --------------------------------------------------------------------
+
+    async def _kv(self, spec: BucketSpec, *, create: bool) -> KeyValue | None:
+        if spec.name not in self._buckets:
+            try:
+                self._buckets[spec.name] = await self._api(self._js.key_value(spec.name))
+            except nats.js.errors.BucketNotFoundError:
+                if not create:
+                    return None
+                config = KeyValueConfig(spec.name, ttl=spec.max_age_s, storage=StorageType.FILE)
+                self._buckets[spec.name] = await self._api(self._js.create_key_value(config))
+        return self._buckets[spec.name]
+
+    async def put_record(self, spec: BucketSpec, key: str, payload: msgspec.Struct) -> int:
+        """Store `payload` under `key` (replacing the older value); returns its revision."""
+        try:
+            kv = await self._kv(spec, create=True)
+            assert kv is not None  # created when missing
+            return await self._api(kv.put(key, encode(payload)))
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot store {key!r} in bucket {spec.name}: {exc!r}") from exc
+
+    async def get_record(self, spec: BucketSpec, key: str, typ: type[T]) -> T | None:
+        """The value under `key` as `typ`; None when there is none. BusError when unreadable."""
+        try:
+            kv = await self._kv(spec, create=False)
+            entry = await self._api(kv.get(key)) if kv is not None else None
+            return decode(entry.value or b"", typ) if entry is not None else None
+        except nats.js.errors.KeyNotFoundError:  # KeyDeletedError too
+            return None
+        except (nats.errors.Error, msgspec.DecodeError) as exc:
+            raise BusError(f"cannot read {key!r} from bucket {spec.name}: {exc!r}") from exc
