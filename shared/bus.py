@@ -175,8 +175,9 @@ class Bus(Storage):
         self._buckets: dict[str, KeyValue] = {}
         self._denials = denials or Denials(PermissionDeniedError)
         inbox = nc.new_inbox().rsplit(".", 1)[0]
-        # what a JetStream call may be refused: the API, objects, or the replies to our inbox
-        self._api_subjects = ("$JS.>", "$O.>", f"{inbox}.>")
+        # what a JetStream call may be refused: the API, objects, records, or the replies to
+        # our inbox
+        self._api_subjects = ("$JS.>", "$O.>", "$KV.>", f"{inbox}.>")
 
     async def _api(self, call: Awaitable[T], *subjects: str) -> T:
         """Await a call that needs the JetStream API (and `subjects`); a denial fails it now."""
