@@ -13,10 +13,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from services import app
 from services.collector import serve as serve_collector
+from services.pipeline import started_record
 from services.validator import serve as serve_validator
 from shared import subjects
 from shared.bus import Bus, BusError, PermissionDeniedError
@@ -28,6 +30,7 @@ from shared.messages import (
     LoraJobDone,
     MemoryPoint,
     ModelUpdated,
+    RunRecord,
     TrainingProgress,
     ValidationCase,
     ValidationResult,
@@ -63,14 +66,35 @@ def point(n: int) -> MemoryPoint:
 # --- the config, without a server --------------------------------------------------------------
 
 
+def allowed(grants: frozenset[str], subject: str) -> bool:
+    """Whether a NATS allow list lets `subject` through (`*` one token, a trailing `>` the rest)."""
+
+    def match(pattern: list[str], tokens: list[str]) -> bool:
+        if pattern == [">"]:
+            return bool(tokens)
+        if not pattern or not tokens:
+            return not pattern and not tokens
+        return pattern[0] in ("*", tokens[0]) and match(pattern[1:], tokens[1:])
+
+    return any(match(g.split("."), subject.split(".")) for g in grants)
+
+
 def test_every_consumer_and_stream_is_granted_from_the_subjects_module() -> None:
     service = ROLE_PERMISSIONS["service"].publish
     specs = [v for v in vars(subjects).values() if isinstance(v, subjects.ConsumerSpec)]
     assert len(specs) >= 5
+    # CONFIG_ROLLBACK is the pattern of every config's own rollback durable: check a real one
+    specs.remove(subjects.CONFIG_ROLLBACK)
+    specs.append(subjects.config_rollback("/home/me/.mindx/models.json"))
     for spec in specs:
-        assert f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}" in service
-        assert f"$JS.ACK.{spec.stream}.{spec.durable}.>" in service
+        s, d = spec.stream, spec.durable
+        assert allowed(service, f"$JS.API.CONSUMER.CREATE.{s}.{d}.{spec.subject}"), spec
+        assert allowed(service, f"$JS.API.CONSUMER.MSG.NEXT.{s}.{d}"), spec
+        assert allowed(service, f"$JS.ACK.{s}.{d}.1.2.3.4.5.6"), spec
         assert subjects.dead_letter_subject(spec.subject) in service
+    # the rollback durables have any name, but only for rollback requests
+    assert not allowed(service, f"$JS.API.CONSUMER.CREATE.MODEL.other.{subjects.MODEL_VALIDATED}")
+    assert not allowed(service, "$JS.API.CONSUMER.CREATE.MEMORY.other.memory.point.created")
     for stream in subjects.STREAMS:
         assert f"$JS.API.STREAM.CREATE.{stream.name}" in service
     # only the service may set up streams
@@ -80,7 +104,7 @@ def test_every_consumer_and_stream_is_granted_from_the_subjects_module() -> None
                            ROLE_PERMISSIONS[role].publish), role  # fmt: skip
 
 
-def test_each_user_may_read_only_its_own_inbox_and_the_quiet_roles_publish_nothing() -> None:
+def test_each_user_may_read_only_its_own_inbox_and_the_brain_publishes_nothing() -> None:
     keys = {role: f"U{role.upper().replace('-', '')}KEY" for role in ROLES}
     for role, key in keys.items():
         perms = permissions(role, key)
@@ -93,9 +117,15 @@ def test_each_user_may_read_only_its_own_inbox_and_the_quiet_roles_publish_nothi
         f"{inbox_prefix('K')}.>",
         f"{subjects.VALIDATION_CASE} {subjects.VALIDATOR_QUEUE}",  # in the queue group only
     }
+    # a validator publishes only what reading the run records takes: no record, no stream
+    runs = f"KV_{subjects.RUNS.name}"
+    assert permissions("validator", "K").publish == {
+        f"$JS.API.STREAM.INFO.{runs}",
+        f"$JS.API.STREAM.MSG.GET.{runs}",
+    }
     text = auth_config(keys)
-    # an empty allow list would allow everything: the quiet roles deny all instead
-    assert text.count('publish: { deny: [">"] }') == 2
+    # an empty allow list would allow everything: the quiet role denies all instead
+    assert text.count('publish: { deny: [">"] }') == 1
     assert "allow: []" not in text
     for setting in ("listen", "port", "store_dir", "jetstream"):
         assert setting not in text
@@ -147,17 +177,51 @@ async def test_a_validator_serves_cases_under_its_role(
 ) -> None:
     service = await secured_nats.connect("service")
     validator = await secured_nats.connect("validator")
+    run = subjects.RunNames("20250101_000000")
+    # as the trainer does before it asks: the run's record says it is running
+    running = started_record(run, Settings(model="qwen3:0.6b"))
+    await service.put_record(subjects.RUNS, run.run_id, running)
     async with OllamaClient(ollama_double.url) as client:
         await serve_validator(validator, client, Embedder(client, EMBED), name="remote-v")
         case = ValidationCase(
-            run_id="20250101_000000",
+            run_id=run.run_id,
             case_id=0,
-            model="qwen3:0.6b",
+            model=running.base_model,
             prompt="Where can I find a cheap hotel?",
             expected="The Acorn guest house is cheap.",
         )
         result = await service.request(subjects.VALIDATION_CASE, case, ValidationResult, timeout=30)
     assert result.validator == "remote-v" and result.case_id == 0
+
+
+async def test_a_validator_reads_run_records_but_cannot_write_them(
+    secured_nats: Secured,
+) -> None:
+    service = await secured_nats.connect("service")
+    validator = await secured_nats.connect("validator")
+    run = subjects.RunNames("20250101_000000")
+    finished = RunRecord(
+        run_id=run.run_id,
+        stage="finished",
+        mode="message",
+        base_model="qwen3:0.6b",
+        new_model=run.model_name("qwen3:0.6b"),
+        status="completed_no_improvement",
+    )
+    forged = msgspec.structs.replace(finished, stage="running", status=None)
+    loop = asyncio.get_running_loop()
+    # no bucket yet: a validator may not make it
+    started = loop.time()
+    with pytest.raises(PermissionDeniedError, match="not permitted to"):
+        await validator.put_record(subjects.RUNS, run.run_id, forged)
+    assert loop.time() - started < REFUSED_WITHIN_S
+    # nor write into the trainer's, to open a finished run to its cases again
+    await service.put_record(subjects.RUNS, run.run_id, finished)
+    started = loop.time()
+    with pytest.raises(PermissionDeniedError, match="not permitted to"):
+        await validator.put_record(subjects.RUNS, run.run_id, forged)
+    assert loop.time() - started < REFUSED_WITHIN_S
+    assert await validator.get_record(subjects.RUNS, run.run_id, RunRecord) == finished
 
 
 async def test_the_brain_hears_model_updates_and_run_events(secured_nats: Secured) -> None:
@@ -170,11 +234,12 @@ async def test_the_brain_hears_model_updates_and_run_events(secured_nats: Secure
 
     await brain.subscribe(subjects.MODEL_UPDATED, ModelUpdated, on_event)
     await brain.subscribe("training.>", TrainingProgress, on_event)
-    update = ModelUpdated(run_id="r1", model="mindx-qwen3:r1", config_path="/cfg.json")
-    await service.publish(subjects.MODEL_UPDATED, update)
-    await service.publish(
-        f"{subjects.TRAINING_PROGRESS}.r1", TrainingProgress(run_id="r1", stage="x")
+    run = subjects.RunNames("20250101_000002")
+    update = ModelUpdated(
+        run_id=run.run_id, model=run.model_name("qwen3:0.6b"), config_path="/cfg.json"
     )
+    await service.publish(subjects.MODEL_UPDATED, update)
+    await service.publish(run.progress_subject, TrainingProgress(run_id=run.run_id, stage="x"))
     got = [await asyncio.wait_for(heard.get(), 5), await asyncio.wait_for(heard.get(), 5)]
     assert {type(ev) for ev in got} == {ModelUpdated, TrainingProgress}
 
@@ -321,15 +386,14 @@ async def test_a_denied_core_publish_reaches_nobody(secured_nats: Secured) -> No
         heard.append(ev)
 
     await service.subscribe(f"{subjects.TRAINING_PROGRESS}.*", TrainingProgress, on_progress)
-    fake = TrainingProgress(run_id="r1", stage="lora.done", message="ok")
-    await brain.publish(f"{subjects.TRAINING_PROGRESS}.r1", fake)
+    r1, r2 = subjects.RunNames("20250101_000001"), subjects.RunNames("20250101_000002")
+    fake = TrainingProgress(run_id=r1.run_id, stage="lora.done", message="ok")
+    await brain.publish(r1.progress_subject, fake)
     await brain.nc.flush()
-    await service.publish(
-        f"{subjects.TRAINING_PROGRESS}.r2", TrainingProgress(run_id="r2", stage="s")
-    )
+    await service.publish(r2.progress_subject, TrainingProgress(run_id=r2.run_id, stage="s"))
     await service.nc.flush()
     await asyncio.sleep(0.2)
-    assert [ev.run_id for ev in heard] == ["r2"]
+    assert [ev.run_id for ev in heard] == [r2.run_id]
 
 
 # --- the embedded server of the CLI -------------------------------------------------------------
