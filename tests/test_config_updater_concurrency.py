@@ -26,9 +26,12 @@ from services.model_config import (
     prune_backups,
     render_config,
 )
+from services.pipeline import validated_record
 from shared import subjects
+from shared.backend import CreateRequest
 from shared.bus import Bus
 from shared.messages import ModelUpdated, ModelValidated, RollbackRequested
+from shared.ollama import OllamaClient
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "qwen3:0.6b"
@@ -73,9 +76,14 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def serve_updater(
-    procs: list[subprocess.Popen[str]], nats_url: str, config_path: Path
+    procs: list[subprocess.Popen[str]],
+    nats_url: str,
+    config_path: Path,
+    ollama_url: str | None = None,
 ) -> subprocess.Popen[str]:
     cmd = mindx("serve", "config-updater", "--nats", nats_url, "--config", str(config_path))
+    if ollama_url is not None:
+        cmd += ["--ollama", ollama_url]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ}, stderr=subprocess.PIPE, text=True)
     procs.append(proc)
     return proc
@@ -98,17 +106,25 @@ async def collect(bus: Bus, subject: str, typ: type) -> asyncio.Queue[Any]:
 
 
 async def test_two_updaters_on_one_config_lose_no_journal_entry(
-    tmp_path: Path, nats_server: Any, bus: Bus, processes: list[subprocess.Popen[str]]
+    tmp_path: Path,
+    nats_server: Any,
+    bus: Bus,
+    processes: list[subprocess.Popen[str]],
+    ollama_double: Any,
 ) -> None:
     path = tmp_path / "config" / "models.json"
     path.parent.mkdir()
     path.write_text(config())
     runs = 60
+    async with OllamaClient(ollama_double.url) as client:
+        for i in range(runs):  # each run as its trainer leaves it: its model and its record
+            await client.create(CreateRequest(model=validated(i).new_model, from_=BASE))
+            await bus.put_record(subjects.RUNS, validated(i).run_id, validated_record(validated(i)))
     for i in range(runs):  # all waiting in the stream before either updater starts
         await bus.publish(subjects.MODEL_VALIDATED, validated(i), msg_id=f"v-{i}")
     updated = await collect(bus, subjects.MODEL_UPDATED, ModelUpdated)
-    first = serve_updater(processes, nats_server.url, path)
-    second = serve_updater(processes, nats_server.url, path)
+    first = serve_updater(processes, nats_server.url, path, ollama_double.url)
+    second = serve_updater(processes, nats_server.url, path, ollama_double.url)
 
     events = [await asyncio.wait_for(updated.get(), 60) for _ in range(runs)]
     await bus.wait_idle(subjects.CONFIG_UPDATER, timeout=30)
