@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
-from shared.files import PRIVATE_DIR, PRIVATE_FILE
+from shared.files import PRIVATE_DIR, PRIVATE_FILE, ensure_private_dir
 from shared.subjects import (
     COLLECTOR,
     CONFIG_ROLLBACK,
@@ -356,7 +356,7 @@ def init_auth_dir(directory: Path) -> AuthDir:
     auth = AuthDir(directory)
     if auth.exists():
         raise FileExistsError(f"{auth.config} exists; keys are never replaced")
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(directory.parent)  # usually the data dir: made private, as everywhere
     tmp = directory.parent / f".{directory.name}.{os.getpid()}.tmp"
     tmp.mkdir(mode=PRIVATE_DIR)
     try:
