@@ -355,8 +355,8 @@ class Corpus:
 
     def stats(self, since: datetime | None = None) -> dict[str, int]:
         """Totals `points`, `pairs`; `pairs_since_watermark`: pairs of points after `since`;
-        `points_without_pairs`: stored points that yielded no pair (no exchange, or a note with
-        neither summary nor keywords)."""
+        `points_without_pairs`: stored points that yielded no pair (no exchange, a note with
+        neither summary nor keywords, or every pair withheld as sensitive)."""
         where, args = self._since_clause(since)
         with self._lock:
             n_points = self._conn.execute("SELECT count(*) FROM points").fetchone()[0]

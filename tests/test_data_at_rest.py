@@ -156,6 +156,7 @@ async def test_secrets_never_reach_the_corpus_file(tmp_path: Path, nats_server: 
         "points": 4,
         "pairs": 4,  # 2 of 3, 0 of 1, 1 (the unanswered question is no pair), 1
         "pairs_since_watermark": 4,
+        "points_without_pairs": 1,  # point 2: its one pair was withheld
         "withheld": 2,
     }
     with Corpus.open(ws / "data" / "corpus.sqlite3") as corpus:
