@@ -13,9 +13,10 @@ import pytest
 from services.model_config import json_style, render_config, write_config
 from shared import subjects
 from shared.messages import RollbackRequested
-from tests.test_config_updater import APP_CONFIG, Recorder, text, updater, validated
+from tests.test_config_updater import APP_CONFIG, RUN_1, Recorder, text, updater, validated
 
 BASE_ENTRY = APP_CONFIG["models"][1]  # qwen3:0.6b, the left model
+RUN_2 = "20250401_120002"
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ async def test_the_event_carries_the_entry_request_mode_and_scores(config_file: 
     assert wire["model"] == "mindx-left-1" and wire["previous_model"] == "qwen3:0.6b"
     assert wire["model_entry"] == {**BASE_ENTRY, "name": "mindx-left-1"}
     assert list(wire["model_entry"]) == list(BASE_ENTRY)  # the config's own key order
-    assert (wire["run_id"], wire["request_id"], wire["mode"]) == ("run-1", "req-7", "message")
+    assert (wire["run_id"], wire["request_id"], wire["mode"]) == (RUN_1, "req-7", "message")
     assert (wire["base_score"], wire["new_score"]) == (0.4, 0.6)
     assert wire["rolled_back"] is False and wire["restored_run_id"] is None
     # the entry is the one the config now holds
@@ -59,19 +60,20 @@ async def test_a_redelivery_after_a_crash_announces_the_same_fields(config_file:
 async def test_a_rollback_names_the_run_of_the_model_it_restores(config_file: Path) -> None:
     pub = Recorder()
     up = updater(config_file, pub)
-    await up.on_model_validated(validated("run-1", "mindx-left-1"), None)
-    await up.on_model_validated(validated("run-2", "mindx-left-2"), None)
+    await up.on_model_validated(validated(RUN_1, "mindx-left-1"), None)
+    await up.on_model_validated(validated(RUN_2, "mindx-left-2"), None)
 
-    await up.on_rollback(RollbackRequested(request_id="undo-1"), None)
+    await up.on_rollback(RollbackRequested(config_path=str(config_file), request_id="undo-1"), None)
     ev = pub.on(subjects.MODEL_UPDATED)[-1]
     assert ev.rolled_back and ev.model == "mindx-left-1" and ev.previous_model == "mindx-left-2"
-    assert ev.restored_run_id == "run-1"
+    assert ev.restored_run_id == RUN_1
     assert ev.model_entry == {**BASE_ENTRY, "name": "mindx-left-1"}
     assert (ev.mode, ev.base_score, ev.new_score) == (None, None, None)
 
     # the oldest backup holds the base: no run built it
     oldest = sorted(config_file.parent.glob("models.json.backup.*"))[0]
-    await up.on_rollback(RollbackRequested(request_id="undo-2", backup=oldest.name), None)
+    undo = RollbackRequested(config_path=str(config_file), request_id="undo-2", backup=oldest.name)
+    await up.on_rollback(undo, None)
     ev = pub.on(subjects.MODEL_UPDATED)[-1]
     assert ev.model == "qwen3:0.6b" and ev.restored_run_id is None
     assert ev.model_entry == BASE_ENTRY
