@@ -51,6 +51,11 @@ def resolve(expr: ast.expr, where: str) -> list[str]:
         ]
         assert all(len(p) == 1 for p in parts), f"{where}: one subject per f-string"
         return ["".join(p[0] for p in parts)]
+    if isinstance(expr, ast.Call):  # a helper of shared.subjects that derives a ConsumerSpec
+        helper = getattr(subjects, ast.unparse(expr.func).rsplit(".", 1)[-1], None)
+        spec = helper(*(["ARG"] * len(expr.args))) if callable(helper) else None
+        assert isinstance(spec, ConsumerSpec), f"{where}: {ast.unparse(expr)} is no ConsumerSpec"
+        return [spec.subject]
     last = ast.unparse(expr).rsplit(".", 1)[-1]
     value = getattr(subjects, last, None)
     if isinstance(value, str):
@@ -128,7 +133,12 @@ def test_mindx_schema_prints_one_json_schema_per_subject() -> None:
     assert set(doc["subjects"]) == set(PAYLOADS) and set(doc["replies"]) == set(REPLIES)
     point = doc["subjects"]["memory.point.created"]["$defs"]["MemoryPoint"]
     assert point["required"] == ["id", "content"]
-    assert point["properties"]["id"] == {"type": "integer"}
+    # the collector stores ids as SQLite INTEGERs: a Go client's int64
+    assert point["properties"]["id"] == {
+        "type": "integer",
+        "minimum": -(2**63),
+        "maximum": 2**63 - 1,
+    }
     assert {"type": "string", "format": "date-time"} in point["properties"]["created_at"]["anyOf"]
     assert not doc["subjects"]["training.requested"]["$defs"]["TrainingRequested"]["required"]
     updated = doc["subjects"]["model.updated"]["$defs"]["ModelUpdated"]
