@@ -280,8 +280,16 @@ async def test_a_go_client_publishes_points_requests_a_run_and_reads_model_updat
     assert chats and all(c["messages"][0]["role"] == "system" for c in chats)
     assert all(c["options"]["num_ctx"] == 4096 for c in chats)
 
-    # a rollback requested from Go: the base comes back, with its entry
-    await js.publish("model.rollback.requested", b'{"request_id":"go-undo-1"}')
+    # a rollback requested from Go: it must name the config (model.updated says which);
+    # one that does not is dead-lettered, and the config stays as it is
+    letters = Inbox()
+    await go_client.subscribe("dlq.model.rollback.requested", cb=letters.on_msg)
+    await js.publish("model.rollback.requested", b'{"request_id":"go-undo-0"}')
+    _, letter = await letters.next(30)
+    assert "config_path" in letter["error"] and "go-undo-0" in letter["data"]
+    assert json.loads(config.read_text())["brain"]["left"] == model
+    undo = {"config_path": updated["config_path"], "request_id": "go-undo-1"}
+    await js.publish("model.rollback.requested", json.dumps(undo).encode())
     subject, back = await inbox.next(30)
     assert subject == "model.updated" and back["rolled_back"] is True
     assert (back["run_id"], back["model"], back["previous_model"]) == (
