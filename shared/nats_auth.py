@@ -56,7 +56,8 @@ ROLES: tuple[Role, ...] = get_args(Role)
 ROLE_PURPOSE: dict[Role, str] = {
     "service": "every component in one process (collector, trainer, validator, config-updater, "
     "lora-worker)",
-    "validator": "a remote validator: answers validation.case in the validators queue group",
+    "validator": "a remote validator: answers validation.case in the validators queue group, "
+    "for runs whose record (read only) says they are running",
     "lora-worker": "a remote LoRA worker: consumes lora.jobs, moves run files through the "
     "object store, announces lora.done",
     "memory": "the app's memory: publishes memory points (created, updated, deleted) only",
