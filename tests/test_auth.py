@@ -85,6 +85,9 @@ def test_every_consumer_and_stream_is_granted_from_the_subjects_module() -> None
     assert len(specs) >= 5
     # CONFIG_ROLLBACK is the pattern of every config's own rollback durable: check a real one
     specs.remove(subjects.CONFIG_ROLLBACK)
+    for spec in specs:  # each fixed durable by its name
+        assert f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}" in service
+        assert f"$JS.ACK.{spec.stream}.{spec.durable}.>" in service
     specs.append(subjects.config_rollback("/home/me/.mindx/models.json"))
     for spec in specs:
         s, d = spec.stream, spec.durable
