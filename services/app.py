@@ -64,6 +64,7 @@ class Resources:
         return self._embedder
 
     def corpus(self) -> Any:
+        """The process's handle on the corpus, shared by its collector and trainer."""
         if self._corpus is None:
             from shared.corpus import Corpus
 
@@ -86,7 +87,7 @@ Starter = Callable[[Any, Resources], Awaitable[list[Any]]]
 async def _collector(bus: Any, res: Resources) -> list[Any]:
     from services import collector
 
-    return [await collector.serve(bus, res.settings)]
+    return [await collector.serve(bus, res.settings, res.corpus())]
 
 
 async def _trainer(bus: Any, res: Resources) -> list[Any]:
