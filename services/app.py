@@ -156,7 +156,8 @@ class UserFacingError(Exception):
 
 @contextlib.asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[Bus]:
-    """The bus: the configured NATS, else an embedded server stored under the data dir."""
+    """The bus: the configured NATS, else the data dir's one embedded server (started here, or
+    by another command on the same data dir)."""
     from shared.bus import Bus
     from shared.nats_server import ensure_nats
 
