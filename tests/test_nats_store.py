@@ -14,10 +14,12 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
+from services.memory_adapter import read_memory_file
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import MemoryPoint
@@ -28,6 +30,7 @@ from shared.nats_server import (
     read_record,
     store_server,
 )
+from tests.test_e2e import DATASETS, SHARED_DATA, workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,3 +210,62 @@ async def test_a_recorded_server_that_does_not_answer_is_refused(tmp_path: Path)
     async with store_server(store) as url:
         record = read_record(lock)
         assert record is not None and record["url"] == url and record["pid"] == os.getpid()
+
+
+async def training_events(url: str) -> int:
+    bus = await Bus.connect(url, name="test")
+    try:
+        return (await bus.js.stream_info("TRAINING")).state.messages
+    finally:
+        await bus.close()
+
+
+@pytest.mark.skipif(not DATASETS, reason="../shared/data is not beside the checkout")
+async def test_two_runs_at_once_on_one_data_dir(tmp_path: Path, ollama_double: Any) -> None:
+    """Two `train --run-once` at once on one workspace: one server, every event kept."""
+    memory = SHARED_DATA / "multiwoz.memory.jsonl"
+    ws = workspace(tmp_path, [memory])
+    binary, log = counting_binary(tmp_path)
+    cli = Cli(ws / "data", binary)
+    cli.common = ["--workspace", str(ws), "--watermark", "state/wm.json"]
+    # --since: the second run takes the whole corpus too, even after the first moved the watermark
+    train = ("train", "--run-once", "--json", "--since", "2000-01-01T00:00:00+00:00")
+    train = (*train, "--ollama", ollama_double.url)
+
+    first = await cli.start(*train)
+    # The second command starts once the first one's trainer has taken its request, so each
+    # trainer runs its own: a run-once command whose own run ends first stops its components,
+    # and a run it had taken for the other command would be cut off and run again.
+    record = None
+    for _ in range(600):
+        record = read_record(lock_paths(ws / "data" / "nats")[0])
+        if record is not None and await training_events(str(record["url"])) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    second = await cli.start(*train)
+    outs = await asyncio.wait_for(asyncio.gather(first.communicate(), second.communicate()), 300)
+    for proc, (_, err) in zip((first, second), outs, strict=True):
+        assert proc.returncode == 0, err.decode()
+    reports = [json.loads(out) for out, _ in outs]
+    assert [r["status"] for r in reports] == ["success", "success"]
+    assert reports[0]["run_id"] != reports[1]["run_id"]
+    assert starts(log) == 1
+
+    points, errors = read_memory_file(memory)
+    assert not errors
+    async with store_server(ws / "data" / "nats") as url:
+        bus = await Bus.connect(url, name="test")
+        try:
+            held = {
+                s: (await bus.js.stream_info(s)).state.messages
+                for s in ("MEMORY", "TRAINING", "MODEL", "DLQ")
+            }
+        finally:
+            await bus.close()
+    assert held == {
+        "MEMORY": len({subjects.point_msg_id(p) for p in points}),
+        "TRAINING": 2 * 3,  # requested, started, completed
+        "MODEL": 2 * 2,  # validated, updated
+        "DLQ": 0,
+    }
+    assert not list((ws / "data" / "training").glob(".run_*.claim"))
