@@ -200,6 +200,7 @@ async def test_a_recorded_server_that_does_not_answer_is_refused(tmp_path: Path)
             async with store_server(store, wait_s=0.5):
                 pass
         # a dead owner whose server still holds the lock
+        os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"url": "nats://127.0.0.1:1", "pid": gone.pid}).encode(), 0)
         with pytest.raises(NatsServerError, match="outlived the command that started it"):
             async with store_server(store, wait_s=0.5):
