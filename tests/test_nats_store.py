@@ -229,6 +229,9 @@ async def test_two_runs_at_once_on_one_data_dir(tmp_path: Path, ollama_double: A
     binary, log = counting_binary(tmp_path)
     cli = Cli(ws / "data", binary)
     cli.common = ["--workspace", str(ws), "--watermark", "state/wm.json"]
+    # A validation case the first command's validator took when it stopped is asked again
+    # after this timeout (default 120 s).
+    cli.env["MINDX_VALIDATION_TIMEOUT_S"] = "20"
     # --since: the second run takes the whole corpus too, even after the first moved the watermark
     train = ("train", "--run-once", "--json", "--since", "2000-01-01T00:00:00+00:00")
     train = (*train, "--ollama", ollama_double.url)
