@@ -76,6 +76,7 @@ class Resources:
         return self._embedder
 
     def corpus(self) -> Any:
+        """The process's handle on the corpus, shared by its collector and trainer."""
         if self._corpus is None:
             from shared.corpus import Corpus
 
@@ -98,7 +99,7 @@ Starter = Callable[[Any, Resources], Awaitable[list[Any]]]
 async def _collector(bus: Any, res: Resources) -> list[Any]:
     from services import collector
 
-    return [await collector.serve(bus, res.settings)]
+    return [await collector.serve(bus, res.settings, res.corpus())]
 
 
 async def _trainer(bus: Any, res: Resources) -> list[Any]:
@@ -199,8 +200,9 @@ class Endpoint:
 
 @contextlib.asynccontextmanager
 async def endpoint(settings: Settings) -> AsyncIterator[Endpoint]:
-    """The configured NATS, else an embedded server for the data dir, which requires auth:
-    its keys (one per role, see shared.nats_auth) are made once under `<data-dir>/auth`."""
+    """The configured NATS, else the data dir's one embedded server (started here, or by another
+    command on the same data dir), which requires auth: its keys (one per role, see
+    shared.nats_auth) are made once under `<data-dir>/auth`."""
     from shared.nats_auth import ensure_auth_dir
     from shared.nats_server import ensure_nats
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from services.validator import score_case, validate_cases
 from shared import subjects
 from shared.backend import Backend, ChatMessage
 from shared.bus import Expect
-from shared.files import atomic_write, timestamp
+from shared.files import atomic_write, create_new, ensure_private_dir, timestamp
 from shared.messages import (
     ModelUpdated,
     ModelUpdateFailed,
@@ -78,6 +79,22 @@ class ChunkedEmbedder:
 
 class RunDeadlineExceeded(Exception):
     """The run took longer than its deadline (`--run-timeout`): a hung model server, say."""
+
+
+def claim_run_id(training_dir: Path) -> str:
+    """A run id no other run of `training_dir` has, even one another trainer process starts in
+    the same second (one id twice would mix their files, and JetStream would drop the second
+    run's events as repeats): claimed by creating its claim file, which the run's report
+    replaces as the mark once written."""
+    training = ensure_private_dir(training_dir)
+    ts = timestamp()
+    for run_id in itertools.chain([ts], (f"{ts}_{uuid.uuid4().hex[:4]}" for _ in range(64))):
+        names = RunNames(run_id)
+        if (training / names.report_json_file).exists():
+            continue
+        if create_new(training / names.claim_file, b""):
+            return run_id
+    raise RuntimeError(f"no free run id for {ts} in {training}")
 
 
 class RunRegistry:
@@ -183,14 +200,9 @@ class Trainer:
             msg_id=RunNames(report.run_id).finished_msg_id,
         )
 
-    def _new_run_id(self) -> str:
-        ts = timestamp()
-        taken = (self.settings.training_path / RunNames(ts).report_json_file).exists()
-        return f"{ts}_{uuid.uuid4().hex[:4]}" if taken else ts
-
     # --- the run ----------------------------------------------------------------------------
     async def run(self, req: TrainingRequested) -> RunReport:
-        names = RunNames(self._new_run_id())
+        names = RunNames(claim_run_id(self.settings.training_path))
         if req.request_id:
             self.registry.add(req.request_id, names.run_id)
         s = self.settings
@@ -247,6 +259,7 @@ class Trainer:
         json_path: Path | None = None
         try:
             json_path, _ = write_report(report, s.training_path, names)
+            (s.training_path / names.claim_file).unlink(missing_ok=True)
         except Exception as exc:  # the outcome is still announced, with the reason
             log.exception("run %s: cannot write the report", names.run_id)
             report.error = (report.error + "; " if report.error else "") + f"report: {exc}"

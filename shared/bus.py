@@ -590,8 +590,10 @@ class Bus(Storage):
         handler: Callable[[T], Awaitable[msgspec.Struct]],
         *,
         queue: str | None = None,
+        grace: float = 5.0,
     ) -> Service:
-        """Answer requests on `subject`; with `queue`, responders share the requests."""
+        """Answer requests on `subject`; with `queue`, responders share the requests. On stop,
+        the requests already taken get `grace` seconds to be answered."""
 
         async def fail(msg: Msg, code: str, text: str) -> None:
             headers = {ERROR_HEADER: _header_text(text), ERROR_CODE_HEADER: code}
@@ -619,7 +621,14 @@ class Bus(Storage):
             await msg.respond(encode(answer))
 
         sub = await self._denials.subscribe(self._nc, subject, queue, on_msg)
-        return self._track(Service(f"reply:{subject}", sub.unsubscribe))
+
+        async def stop() -> None:
+            # Take no more requests, and answer those already taken for up to `grace` seconds
+            # (their requesters would otherwise wait their whole timeout, then ask again).
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                await asyncio.wait_for(sub.drain(), grace)
+
+        return self._track(Service(f"reply:{subject}", stop))
 
     async def request(
         self,

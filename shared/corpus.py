@@ -5,6 +5,11 @@ mode lets readers run during a write, and every point's replacement is one trans
 crash never leaves a point with half its pairs. The file holds personal conversations: it (and
 its `-wal`/`-shm` companions, which SQLite creates with the database file's mode) is 0600.
 
+Nothing but SQLite ever opens the database file: on Linux, closing any descriptor of a file drops
+every POSIX lock the process holds on it, SQLite's WAL locks included, and another process could
+then delete the live WAL under a writer that goes on acking points. For the same reason a process
+has one owner per corpus file (`Corpus.open` of a path already open shares it).
+
 Times are stored as UTC ISO-8601 text of fixed width, so text order is time order.
 """
 
@@ -14,6 +19,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -153,29 +159,36 @@ class _Checkpointer:
         self._thread.join()
 
 
-class Corpus:
-    """Thread-safe handle on the corpus file; use as a context manager or call `close()`."""
+class _Store:
+    """The one owner of a corpus file's connections in this process: shared by every `Corpus`
+    opened on that file, closed with the last of them."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
+    def __init__(self, conn: sqlite3.Connection, path: Path, key: tuple[int, int]) -> None:
+        self.conn = conn
         self.path = path
-        self._lock = threading.Lock()
-        self._point_decoder = msgspec.json.Decoder(MemoryPoint)
+        self.key = key
+        self.lock = threading.Lock()
+        self.users = 0
         self._checkpointer: _Checkpointer | None = None  # started by the first write
         self._unchecked = 0  # bytes written since the last checkpoint was asked for
 
     @classmethod
-    def open(cls, path: Path) -> Corpus:
-        path = Path(path).expanduser()
+    def connect(cls, path: Path) -> _Store:
+        """Open (creating it 0600 when missing) and prepare the database; under _OWNERS_LOCK."""
         ensure_private_dir(path.parent)
-        # Create the file ourselves so it is 0600 from its first byte (SQLite would honour umask).
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
-        os.close(fd)
-        os.chmod(path, PRIVATE_FILE)
-        conn = sqlite3.connect(
-            path, timeout=30.0, isolation_level=None, check_same_thread=False
-        )  # autocommit; transactions are explicit
+        # SQLite creates the file with 0644 less the umask, and its -wal/-shm with the file's
+        # mode; the umask is the process's, so it changes only under the lock every corpus
+        # open takes, and meanwhile other threads can only create files more private.
+        old_umask = os.umask(0o077)
         try:
+            conn = sqlite3.connect(
+                path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )  # autocommit; transactions are explicit
+        finally:
+            os.umask(old_umask)
+        try:
+            for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                _make_private(name)
             conn.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL: a committed point survives a crash of this process (the case that
             # matters for ack-after-store); only an OS crash can lose the last commits, and
@@ -187,20 +200,23 @@ class Corpus:
             conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(_SCHEMA)
+            key = _file_key(path)
         except BaseException:
             conn.close()
             raise
-        return cls(conn, path)
+        assert key is not None  # SQLite created the file
+        return cls(conn, path, key)
 
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             if self._checkpointer is not None:
                 self._checkpointer.close()
                 self._checkpointer = None
-            self._conn.close()  # the last connection to close checkpoints the rest
+            self.conn.close()  # the last connection to close checkpoints the rest
 
-    def _written(self, size: int) -> None:
-        """After a commit of about `size` bytes: checkpoint in the background now and then."""
+    def written(self, size: int) -> None:
+        """After a commit of about `size` bytes: checkpoint in the background now and then.
+        Called with `lock` held."""
         self._unchecked += size
         if self._unchecked < _CHECKPOINT_EVERY:
             return
@@ -212,7 +228,80 @@ class Corpus:
             if os.stat(f"{self.path}-wal").st_size > _WAL_LIMIT:
                 # The thread cannot keep up (or its checkpoints keep missing the end): copy
                 # it all now, so the next write can start the WAL over.
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    """The file's identity (device, inode): two paths of one file share one owner."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _make_private(path: Path) -> None:
+    """0600 for a file made before us with a wider mode: by its name, never through a
+    descriptor (see the module's docstring)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_IMODE(os.stat(path).st_mode) != PRIVATE_FILE:
+            os.chmod(path, PRIVATE_FILE)
+
+
+_OWNERS_LOCK = threading.Lock()
+_OWNERS: dict[tuple[int, int], _Store] = {}
+
+
+def _forget_owners_after_fork() -> None:
+    # A forked child shares none of its parent's connections: it opens its own.
+    global _OWNERS_LOCK
+    _OWNERS_LOCK = threading.Lock()
+    _OWNERS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_owners_after_fork)
+
+
+class Corpus:
+    """Thread-safe handle on the corpus file; use as a context manager or call `close()`.
+
+    Handles of one file in one process share its owner (`_Store`); closing a handle closes the
+    file only when it was the last one.
+    """
+
+    def __init__(self, store: _Store, path: Path) -> None:
+        self._store: _Store | None = store
+        self.path = path
+        self._point_decoder = msgspec.json.Decoder(MemoryPoint)
+
+    @classmethod
+    def open(cls, path: Path) -> Corpus:
+        path = Path(path).expanduser()
+        with _OWNERS_LOCK:
+            key = _file_key(path)
+            store = _OWNERS.get(key) if key is not None else None
+            if store is None:
+                store = _Store.connect(path)
+                _OWNERS[store.key] = store
+            store.users += 1
+        return cls(store, path)
+
+    def close(self) -> None:
+        """Idempotent; the file's connections close with its last handle."""
+        with _OWNERS_LOCK:
+            store, self._store = self._store, None
+            if store is None:
+                return
+            store.users -= 1
+            if store.users == 0:
+                del _OWNERS[store.key]
+                store.close()
+
+    def _live(self) -> _Store:
+        store = self._store
+        if store is None:
+            raise sqlite3.ProgrammingError(f"the corpus {self.path} is closed")
+        return store
 
     def __enter__(self) -> Self:
         return self
@@ -256,8 +345,9 @@ class Corpus:
         ]
         ids = list({row[0] for row, _ in prepared})
         outcomes: list[Upsert] = []
-        with self._lock:
-            conn = self._conn
+        store = self._live()
+        with store.lock:
+            conn = store.conn
             # IMMEDIATE takes the write lock before the read, so two collectors cannot both
             # decide "added" for the same point.
             conn.execute("BEGIN IMMEDIATE")
@@ -309,7 +399,7 @@ class Corpus:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            self._written(
+            store.written(
                 sum(len(prepared[i][0][5]) + 200 * len(prepared[i][1]) for i in winners.values())
             )
         return outcomes
@@ -329,8 +419,9 @@ class Corpus:
             + where
             + " ORDER BY q.point_id, q.turn"
         )
-        with self._lock:
-            rows = self._conn.execute(sql, args).fetchall()
+        store = self._live()
+        with store.lock:
+            rows = store.conn.execute(sql, args).fetchall()
         return [
             Pair(
                 prompt=prompt,
@@ -347,8 +438,9 @@ class Corpus:
     def points(self, since: datetime | None = None) -> list[MemoryPoint]:
         """The stored points changed after `since` (all when None), by id."""
         where, args = self._since_clause(since)
-        with self._lock:
-            rows = self._conn.execute(
+        store = self._live()
+        with store.lock:
+            rows = store.conn.execute(
                 "SELECT p.body FROM points p" + where + " ORDER BY p.id", args
             ).fetchall()
         return [self._point_decoder.decode(body) for (body,) in rows]
@@ -358,13 +450,14 @@ class Corpus:
         `points_without_pairs`: stored points that yielded no pair (no exchange, a note with
         neither summary nor keywords, or every pair withheld as sensitive)."""
         where, args = self._since_clause(since)
-        with self._lock:
-            n_points = self._conn.execute("SELECT count(*) FROM points").fetchone()[0]
-            n_pairs = self._conn.execute("SELECT count(*) FROM pairs").fetchone()[0]
-            n_since = self._conn.execute(
+        store = self._live()
+        with store.lock:
+            n_points = store.conn.execute("SELECT count(*) FROM points").fetchone()[0]
+            n_pairs = store.conn.execute("SELECT count(*) FROM pairs").fetchone()[0]
+            n_since = store.conn.execute(
                 "SELECT count(*) FROM pairs q JOIN points p ON p.id = q.point_id" + where, args
             ).fetchone()[0]
-            n_empty = self._conn.execute(
+            n_empty = store.conn.execute(
                 "SELECT count(*) FROM points p"
                 " WHERE NOT EXISTS (SELECT 1 FROM pairs q WHERE q.point_id = p.id)"
             ).fetchone()[0]
@@ -377,8 +470,9 @@ class Corpus:
 
     def withheld(self) -> dict[str, int]:
         """Pairs kept out of the corpus (secrets the filter would drop), by reason."""
-        with self._lock:
-            rows = self._conn.execute(
+        store = self._live()
+        with store.lock:
+            rows = store.conn.execute(
                 "SELECT reason, sum(pairs) FROM withheld GROUP BY reason ORDER BY reason"
             ).fetchall()
         return dict(rows)

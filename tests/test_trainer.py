@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import re
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +157,27 @@ async def test_a_request_with_an_impossible_value_fails_the_run_and_creates_noth
     assert announced.request_id == "bad" and announced.run_id == report.run_id
     assert not ollama_double.count("/api/create") and not ollama_double.count("/api/chat")
     assert not (tmp_path / "wm.json").exists()
+
+
+def _claim_ids(training: str, start: Any, n: int, out: Any) -> None:
+    start.wait()
+    out.put([trainer_service.claim_run_id(Path(training)) for _ in range(n)])
+
+
+def test_trainers_in_several_processes_never_share_a_run_id(tmp_path: Path) -> None:
+    training = tmp_path / "training"
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_claim_ids, args=(str(training), start, 5, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()  # all at once: most ids fall in one second
+    ids = [run_id for _ in procs for run_id in out.get(timeout=60)]
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert len(set(ids)) == 20
+    assert all(re.fullmatch(r"[0-9]{8}_[0-9]{6}(_[0-9a-f]{4})?", run_id) for run_id in ids)
+    # each id is held by its claim file until its run writes the report
+    claims = {p.name for p in training.iterdir()}
+    assert claims == {subjects.RunNames(run_id).claim_file for run_id in ids}

@@ -218,3 +218,34 @@ async def test_a_refused_case_is_an_error_result_and_not_retried(
     await bus.nc.flush()
     assert sorted(seen) == [0, 1, 2]  # one request per case
     assert ollama_double.count("/api/chat") == 0
+
+
+async def test_a_validator_stopped_mid_case_still_answers_it(nats_server: Any, bus: Bus) -> None:
+    """A command that ends (and stops its validator) while it scores another's cases."""
+    other = await Bus.connect(nats_server.url, name="ending")
+    started = asyncio.Event()
+
+    async def slow(case: ValidationCase) -> ValidationResult:
+        started.set()
+        await asyncio.sleep(1.0)
+        return ValidationResult(
+            run_id=case.run_id,
+            case_id=case.case_id,
+            model=case.model,
+            score=0.5,
+            validator="ending",
+        )
+
+    service = await other.reply(
+        subjects.VALIDATION_CASE, ValidationCase, slow, queue=subjects.VALIDATOR_QUEUE
+    )
+    try:
+        asking = asyncio.create_task(
+            validate_cases(bus, cases(1), concurrency=1, timeout_s=30, attempts=1)
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        await service.stop()
+        results = await asyncio.wait_for(asking, 10)  # answered, not the 30 s timeout
+    finally:
+        await other.close()
+    assert [(r.validator, r.score, r.error) for r in results] == [("ending", 0.5, None)]
