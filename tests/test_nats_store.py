@@ -23,6 +23,8 @@ from services.memory_adapter import read_memory_file
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import MemoryPoint
+from shared.nats_auth import ensure_auth_dir
+from shared.nats_client import NatsAuth
 from shared.nats_server import (
     NatsServerError,
     lock_paths,
@@ -90,8 +92,13 @@ def points_file(path: Path, ids: range) -> Path:
     return path
 
 
-async def stream_counts(url: str) -> dict[str, int]:
-    bus = await Bus.connect(url, name="test")
+def service_auth(data_dir: Path) -> NatsAuth:
+    """The service role's key of the data dir's embedded server, which requires auth."""
+    return NatsAuth(nkey=ensure_auth_dir(data_dir / "auth").seed_file("service"))
+
+
+async def stream_counts(url: str, data_dir: Path) -> dict[str, int]:
+    bus = await Bus.connect(url, name="test", auth=service_auth(data_dir))
     try:
         return {s: (await bus.js.stream_info(s)).state.messages for s in ("MEMORY", "DLQ")}
     finally:
@@ -124,7 +131,7 @@ async def test_commands_on_one_data_dir_share_one_server(tmp_path: Path) -> None
         assert json.loads(outs[2][0]) == []
         assert starts(log) == 1
 
-        bus = await Bus.connect(str(record["url"]), name="test")
+        bus = await Bus.connect(str(record["url"]), name="test", auth=service_auth(data))
         try:
             await bus.publish_raw(subjects.MEMORY_POINT_CREATED, b'{"id": "seven"}')
             await bus.wait_idle(subjects.COLLECTOR, timeout=30)
@@ -135,7 +142,7 @@ async def test_commands_on_one_data_dir_share_one_server(tmp_path: Path) -> None
         stats = json.loads((await cli.run("corpus", "stats", "--json"))[0])
         assert (stats["points"], stats["pairs"]) == (70, 70)
         # 70 distinct points (the repeats were dropped by message id) and the bad one
-        assert await stream_counts(url) == {"MEMORY": 71, "DLQ": 1}
+        assert await stream_counts(url, data) == {"MEMORY": 71, "DLQ": 1}
         assert starts(log) == 1
     finally:
         owner.send_signal(signal.SIGTERM)
@@ -213,8 +220,8 @@ async def test_a_recorded_server_that_does_not_answer_is_refused(tmp_path: Path)
         assert record is not None and record["url"] == url and record["pid"] == os.getpid()
 
 
-async def training_events(url: str) -> int:
-    bus = await Bus.connect(url, name="test")
+async def training_events(url: str, data_dir: Path) -> int:
+    bus = await Bus.connect(url, name="test", auth=service_auth(data_dir))
     try:
         return (await bus.js.stream_info("TRAINING")).state.messages
     finally:
@@ -243,7 +250,7 @@ async def test_two_runs_at_once_on_one_data_dir(tmp_path: Path, ollama_double: A
     record = None
     for _ in range(600):
         record = read_record(lock_paths(ws / "data" / "nats")[0])
-        if record is not None and await training_events(str(record["url"])) >= 2:
+        if record is not None and await training_events(str(record["url"]), ws / "data") >= 2:
             break
         await asyncio.sleep(0.1)
     second = await cli.start(*train)
