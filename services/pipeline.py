@@ -157,16 +157,21 @@ def split(kept: Sequence[Pair], s: Settings, *, exclude: Collection[str] = froze
     return Split(train=train, held_out=held, stage=stage)
 
 
+COVERAGE_POINTS = 2000  # pairs whose coverage is measured (evenly spaced beyond this many)
+
+
 def few_shot_examples(
     pairs: Sequence[Pair], n: int, *, max_chars: int, vectors: np.ndarray | None = None
 ) -> list[Pair]:
     """At most n examples within a character budget (of the sanitized text that is baked).
 
-    With `vectors` (the pairs' embeddings) they are chosen for coverage, greedily by farthest
-    point: the most central pair first, then each time the pair whose highest cosine to those
-    chosen is lowest, among those that still fit; ties go to the earlier (newer) pair. Without,
-    they are spread evenly over the list, up to the first that does not fit. The first example
-    is taken even when it alone exceeds the budget.
+    With `vectors` (the pairs' embeddings) they are chosen for coverage: greedily, each next
+    example is the one, among those that still fit, that raises most the sum over all pairs of
+    their (non-negative) cosine to the nearest example chosen (facility location). The first is
+    the most central pair; each later one covers what the others do not, weighted by how many
+    pairs are there, so a topic many pairs share gets an example before an outlier does. Ties
+    go to the earlier (newer) pair. Without vectors they are spread evenly over the list, up to
+    the first that does not fit. The first example is taken even when it alone is too long.
     """
     if vectors is None or len(pairs) == 0:
         out: list[Pair] = []
@@ -181,22 +186,24 @@ def few_shot_examples(
     sizes = np.array(
         [len(sanitize_text(p.prompt)) + len(sanitize_text(p.completion)) for p in pairs], dtype=int
     )
-    v = np.asarray(vectors, dtype=np.float64)
+    v = np.asarray(vectors, dtype=np.float32)
     v = v / np.where((norms := np.linalg.norm(v, axis=1, keepdims=True)) > 0, norms, 1.0)
+    columns = np.linspace(0, len(pairs) - 1, min(len(pairs), COVERAGE_POINTS)).astype(int)
+    sim = np.clip(v @ v[columns].T, 0.0, None)  # candidate × covered pair
+    covered = np.zeros(len(columns), dtype=np.float32)  # cosine to the nearest chosen
     taken = np.zeros(len(pairs), dtype=bool)
-    nearest = np.full(len(pairs), -np.inf)  # highest cosine to a chosen pair
     chosen: list[int] = []
     left = max_chars
     while len(chosen) < n:
         open_ = ~taken & ((sizes <= left) if chosen else True)
         if not open_.any():
             break
-        score = v @ v.mean(axis=0) if not chosen else -nearest
-        i = int(np.argmax(np.where(open_, score, -np.inf)))
+        gain = np.maximum(sim - covered, 0.0).sum(axis=1)
+        i = int(np.argmax(np.where(open_, gain, -np.inf)))
         chosen.append(i)
         taken[i] = True
         left -= int(sizes[i])
-        nearest = np.maximum(nearest, v @ v[i])
+        covered = np.maximum(covered, sim[i])
     return [pairs[i] for i in chosen]
 
 
@@ -429,7 +436,7 @@ def selection_text(
     ]
     if s.mode == "message":
         parts.append(
-            f"{examples} baked examples chosen for coverage (greedy farthest point by "
-            f"embedding, at most {s.max_examples}, within {s.example_budget_chars} characters)"
+            f"{examples} baked examples chosen for coverage (greedy facility location over the "
+            f"embeddings, at most {s.max_examples}, within {s.example_budget_chars} characters)"
         )
     return "; ".join(parts)
