@@ -26,7 +26,7 @@ from services.model_config import list_backups
 from services.scoring import normalize_prompt
 from services.trainer import Trainer
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import Bus, BusError
 from shared.corpus import Corpus
 from shared.embeddings import Embedder
 from shared.messages import MemoryPoint, ModelLineage, RunReport, TrainingRequested, decode
@@ -314,3 +314,25 @@ def mindx(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+async def test_lineage_is_written_by_the_service_only_and_read_by_an_operator(
+    secured_nats: Any,
+) -> None:
+    service = await secured_nats.connect("service")
+    record = ModelLineage(
+        run_id="20260101_000000",
+        model="mindx-qwen3-0.6b:20260101-000000",
+        base_model=BASE,
+        mode="message",
+        points=[],
+    )
+    await service.put_record(subjects.MODELS, record.run_id, record)
+    operator = await secured_nats.connect("operator")
+    assert await operator.list_records(subjects.MODELS, ModelLineage) == {record.run_id: record}
+    forged = msgspec.structs.replace(record, status="promoted")
+    for role in ("operator", "validator", "memory", "brain", "lora-worker"):
+        bus = await secured_nats.connect(role)
+        with pytest.raises(BusError):
+            await bus.put_record(subjects.MODELS, record.run_id, forged)
+    assert await service.get_record(subjects.MODELS, record.run_id, ModelLineage) == record
