@@ -336,3 +336,23 @@ async def test_lineage_is_written_by_the_service_only_and_read_by_an_operator(
         with pytest.raises(BusError):
             await bus.put_record(subjects.MODELS, record.run_id, forged)
     assert await service.get_record(subjects.MODELS, record.run_id, ModelLineage) == record
+
+
+def test_mindx_models_on_the_embedded_server_marks_the_live_model(
+    tmp_path: Path, ollama_double: OllamaDouble
+) -> None:
+    ws = tmp_path / "ws"
+    (ws / "data" / "memory").mkdir(parents=True)
+    lines = MULTIWOZ.read_text(encoding="utf-8").splitlines()[:150]
+    (ws / "data" / "memory" / "m.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    where = ["--workspace", str(ws), "--watermark", "wm.json", "--ollama", ollama_double.url]
+    assert mindx("models", "--json", *where).stdout.strip() == "[]"  # none yet, no bucket
+    run = mindx("train", "--run-once", "--json", *where)
+    report = json.loads(run.stdout)
+    assert run.returncode == 0 and report["status"] == "success", run.stderr
+    listed = json.loads(mindx("models", "--json", *where).stdout)
+    assert [(m["model"], m["live"], m["status"]) for m in listed] == [
+        (report["new_model"], True, "promoted")
+    ]
+    lineage = read_file(ws / "data" / "training" / RunNames(report["run_id"]).lineage_file)
+    assert lineage.status == "promoted" and lineage.model == report["new_model"]
