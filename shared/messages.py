@@ -76,7 +76,7 @@ class TrainingRequested(Payload, kw_only=True, frozen=True):
     base_model: ModelName | None = None
     min_corpus: int | None = None
     force: bool = False
-    since: datetime | None = None  # overrides the watermark
+    since: datetime | None = None  # what arrived after it is new (default: the last promotion)
 
 
 class TrainingStarted(Payload, kw_only=True, frozen=True):
