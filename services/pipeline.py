@@ -418,7 +418,7 @@ def selection_text(
     new: int,
     since: str,
     incumbent: str | None,
-    excluded: int,
+    excluded: int | None,
     examples: int,
 ) -> str:
     """How the run chose its data, for the report."""
@@ -429,9 +429,11 @@ def selection_text(
         "newer pair is kept",
         "held-out cases only from prompts "
         + (
-            f"the live model {incumbent} never saw ({excluded} prompts left out)"
-            if incumbent
-            else "outside the training split"
+            "outside the training split"
+            if not incumbent
+            else f"the live model {incumbent} never saw ({excluded} prompts left out)"
+            if excluded is not None
+            else f"outside the training split (the live model {incumbent} has no lineage here)"
         ),
     ]
     if s.mode == "message":

@@ -106,7 +106,7 @@ def summary_text(report: RunReport, html_path: Path | str | None = None) -> str:
             f"  errors base {report.errors.get('base', 0)} new {report.errors.get('new', 0)}"
             f"  cases {report.held_out_cases}"
         )
-    lines.append(f"  pairs   {funnel_line(report)}")
+    lines.append(f"  pairs   {funnel_line(report)} ({report.new_pairs} new)")
     if report.validation_request:
         asked = report.validation_request
         system = "the app's system prompt" if asked.get("system_sent") else "the model's SYSTEM"

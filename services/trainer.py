@@ -300,9 +300,8 @@ class Trainer:
         pipeline.check_filtered(result.kept, s, force=req.force)
 
         # 3. split by prompt: held-out prompts never reach the new model, nor did the live one
-        seen = pipeline.seen_prompts(
-            snapshot.pairs, pipeline.lineage_of(models, incumbent) if incumbent else None
-        )
+        live_lineage = pipeline.lineage_of(models, incumbent) if incumbent else None
+        seen = pipeline.seen_prompts(snapshot.pairs, live_lineage)
         split = pipeline.split(result.kept, s, exclude=seen)
         report.training_pairs = len(split.train)
         report.held_out_cases = len(split.held_out)
@@ -331,7 +330,7 @@ class Trainer:
             new=len(new),
             since=since,
             incumbent=incumbent,
-            excluded=len(seen),
+            excluded=len(seen) if live_lineage else None,
             examples=len(chosen),
         )
 

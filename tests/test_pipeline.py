@@ -328,3 +328,18 @@ def test_every_name_of_a_run_derives_from_its_id() -> None:
     assert n.lora_done_subject == "lora.done.20261126_120501"
     assert n.dataset_object == "20261126_120501/train_data.jsonl"
     assert len({n.finished_msg_id, n.validated_msg_id, n.lora_job_msg_id}) == 3
+
+
+def test_the_report_states_how_the_data_was_chosen() -> None:
+    def text(**kw: object) -> str:
+        args: dict = {"total": 900, "new": 60, "since": "the last promoted model", "examples": 27}
+        return pipeline.selection_text(settings(), **{**args, **kw})  # type: ignore[arg-type]
+
+    first = text(incumbent=None, excluded=None)
+    assert "whole curated corpus (900 pairs, 60 of them arrived since the last promoted" in first
+    assert "the newer pair is kept" in first and "27 baked examples chosen for coverage" in first
+    assert "outside the training split" in first
+    ours = text(incumbent="mindx-m:1", excluded=40)
+    assert "the live model mindx-m:1 never saw (40 prompts left out)" in ours
+    foreign = text(incumbent="tuned:latest", excluded=None)
+    assert "tuned:latest has no lineage here" in foreign
