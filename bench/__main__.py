@@ -10,6 +10,7 @@ BENCHES = [
     "bench.bench_filter",
     "bench.bench_validation",
     "bench.bench_quality",
+    "bench.bench_loop",
     "bench.bench_lora",
 ]
 

@@ -21,6 +21,7 @@ from shared.backend import Backend
 from shared.bus import Expect
 from shared.messages import (
     DeadLetter,
+    ModelLineage,
     ModelUpdated,
     ModelUpdateFailed,
     RollbackRequested,
@@ -421,3 +422,19 @@ async def init(settings: Settings) -> tuple[str, list[str]]:
 async def dead_letters(settings: Settings) -> list[DeadLetter]:
     async with connect(settings, "operator") as bus:
         return await bus.dead_letters()
+
+
+async def models(settings: Settings) -> tuple[list[ModelLineage], str | None]:
+    """Every model a run created, by creation (their lineage), and the config's live model."""
+    from services import lineage
+    from services.model_config import ConfigError, left_model, read_config
+
+    async with connect(settings, "operator") as bus:
+        records = await lineage.load_all(bus)
+    try:
+        live = left_model(read_config(settings.config_path), settings.left_key)
+    except FileNotFoundError:
+        live = None
+    except ConfigError as exc:
+        raise UserFacingError(str(exc)) from exc
+    return sorted(records, key=lambda r: (r.created_at, r.run_id)), live

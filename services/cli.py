@@ -68,6 +68,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="how long the MEMORY stream keeps a point (default: 30)",
     )
     lim.add_argument(
+        "--keep-models",
+        dest="keep_models",
+        type=int,
+        metavar="K",
+        help="promoted models kept on the backend for rollback; older ones are pruned (default: 3)",
+    )
+    lim.add_argument(
         "--ollama-timeout",
         dest="ollama_timeout_s",
         type=float,
@@ -107,7 +114,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["message", "lora"], help="training mode (default: message)")
     p.add_argument("--model", help="base model (default: qwen3:0.6b; smollm2:135m when local)")
     p.add_argument("--min-corpus", dest="min_corpus", type=int, help="minimum pairs (default: 50)")
-    p.add_argument("--since", help="take pairs newer than this RFC3339 time (overrides watermark)")
+    p.add_argument(
+        "--since",
+        help="count pairs that arrived after this RFC3339 time as new (default: since the "
+        "corpus of the last promoted model); the run trains on the whole corpus either way",
+    )
     p.add_argument("--force", action="store_true", help="run even below the corpus minimums")
     p.add_argument("--held-out", dest="held_out", type=int, help="validation cases (default: 20)")
     p.add_argument("--min-effect", dest="min_effect", type=float, help="minimum CI lower bound")
@@ -185,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backups", help="list config backups, newest first")
     _common(p)
     p.set_defaults(func=cmd_backups)
+
+    p = sub.add_parser("models", help="the models runs created, with their lineage (* live)")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("dlq", help="dead-lettered messages")
     dsub = p.add_subparsers(dest="dlq_command", required=True)
@@ -363,6 +379,31 @@ async def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
         print(f"no backups of {settings.config_path}")
     for b in backups:
         print(b)
+    return EXIT_OK
+
+
+async def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.names import same_model
+
+    records, live = await app.models(settings)
+    rows = [
+        {**msgspec.to_builtins(r), "live": bool(live) and same_model(r.model, live or "")}
+        for r in records
+    ]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print(f"no models created yet; live: {live or '—'}")
+    for r, row in zip(records, rows, strict=True):
+        print(
+            f"{'*' if row['live'] else ' '} {r.model}  {r.status}  {r.mode}  "
+            f"created {r.created_at:%Y-%m-%d %H:%M:%S}  {len(r.points)} points  "
+            f"dataset {r.dataset_sha256[:12] or '—'}  from {r.base_model} {r.base_digest[:12]}"
+        )
+        why = r.retired_reason or r.decision
+        if why:
+            print(f"    {why}")
     return EXIT_OK
 
 

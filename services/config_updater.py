@@ -16,6 +16,11 @@ model; there is nothing to back up in that case, so `backup_path` is null.
 Idempotency: the journal records the runs already applied before the config is written, so a
 redelivered `model.validated` finishes exactly what the crashed delivery left undone and never
 makes a second backup or a second event.
+
+Retention: a model made live is marked promoted in its lineage; then every promoted model beyond
+the newest `keep_models` that the config does not name is deleted from the backend, with its
+`models` entry, and marked retired. A rollback restores only a backup whose left model the
+backend still has.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from services import lineage
 from services.model_config import (
     AppliedRun,
     ConfigError,
     apply_left_model,
     backup_config,
+    backup_left_model,
     config_key,
     config_lock,
     default_config,
@@ -41,23 +48,28 @@ from services.model_config import (
     left_model,
     load_applied,
     model_entry,
+    names_in_use,
     prune_backups,
     read_config,
     restore,
     same_config,
     save_applied,
+    without_entries,
     write_config,
 )
+from services.pipeline import to_prune
 from shared import subjects
-from shared.backend import ModelNotFound
+from shared.backend import BackendError, ModelNotFound
 from shared.bus import Rejected
 from shared.files import timestamp
 from shared.messages import (
+    ModelLineage,
     ModelUpdated,
     ModelUpdateFailed,
     ModelValidated,
     RollbackRequested,
     RunRecord,
+    utc_now,
 )
 
 if TYPE_CHECKING:
@@ -140,6 +152,53 @@ class RunVerifier:
             raise ModelMissing(f"model {ev.new_model} is not on the backend ({exc})") from exc
 
 
+class ModelGone(ConfigError):
+    """A rollback would restore a model the backend no longer has."""
+
+
+class ModelStore(Protocol):
+    """The created models: their lineage, and the backend that serves them."""
+
+    async def lineages(self) -> list[ModelLineage]: ...
+
+    async def load(self, run_id: str) -> ModelLineage | None: ...
+
+    async def save(self, record: ModelLineage) -> None: ...
+
+    async def exists(self, model: str) -> bool: ...
+
+    async def delete(self, model: str) -> None:
+        """Remove `model` from the backend; one it does not have is no error."""
+        ...
+
+
+class BusModels:
+    """`ModelStore` on the lineage bucket and a backend."""
+
+    def __init__(self, bus: Bus, backend: Backend, training_dir: Path | None) -> None:
+        self.bus, self.backend, self.training_dir = bus, backend, training_dir
+
+    async def lineages(self) -> list[ModelLineage]:
+        return await lineage.load_all(self.bus)
+
+    async def load(self, run_id: str) -> ModelLineage | None:
+        return await lineage.load(self.bus, run_id)
+
+    async def save(self, record: ModelLineage) -> None:
+        await lineage.save(self.bus, record, self.training_dir)
+
+    async def exists(self, model: str) -> bool:
+        try:
+            await self.backend.show(model)
+        except ModelNotFound:
+            return False
+        return True
+
+    async def delete(self, model: str) -> None:
+        with contextlib.suppress(ModelNotFound):
+            await self.backend.delete(model)
+
+
 class ConfigUpdater:
     """Handlers for `model.validated` and `model.rollback.requested`.
 
@@ -158,12 +217,16 @@ class ConfigUpdater:
         config_path: Path,
         key_path: str = "brain.left",
         keep_backups: int = 10,
+        models: ModelStore | None = None,  # None: no lineage, no retention, no existence check
+        keep_models: int = 3,
     ) -> None:
         self.bus = bus
         self.verifier = verifier
         self.config_path = Path(config_path)
         self.key_path = key_path
         self.keep_backups = keep_backups
+        self.models = models
+        self.keep_models = keep_models
         self._lock = asyncio.Lock()  # this process's handlers; config_lock: other processes
 
     async def on_model_validated(
@@ -189,11 +252,13 @@ class ConfigUpdater:
             except (OSError, ConfigError) as exc:
                 await self._failed(ev.run_id, exc)
                 return
+            await self._promoted(ev.run_id)  # before the event: a next run counts from it
             if event is not None:
                 await self.bus.publish(
                     subjects.MODEL_UPDATED, event, msg_id=f"{subjects.MODEL_UPDATED}.{ev.run_id}"
                 )
                 self._mark_published(ev.run_id, event)
+            await self._retain()
 
     def _apply(self, ev: ModelValidated) -> ModelUpdated | None:
         """Do what is left to do for this run; the event to publish, or None."""
@@ -280,6 +345,7 @@ class ConfigUpdater:
                     # Fix the source before restoring: on a redelivery "newest" would be the
                     # safety backup of this very rollback, which would undo it.
                     name = find_backup(self.config_path, ev.backup).name
+                    await self._check_restorable(name)
                     if key:
                         rec = AppliedRun(
                             model="", previous_model=self._current(), restored_from=name
@@ -331,6 +397,69 @@ class ConfigUpdater:
         ]
         return entry, (built[-1] if built else None)
 
+    async def _promoted(self, run_id: str) -> None:
+        """Mark the run's model promoted in its lineage (the switch stands if this fails)."""
+        if self.models is None:
+            return
+        try:
+            record = await self.models.load(run_id)
+            if record is not None and record.status == "candidate":
+                await self.models.save(
+                    msgspec.structs.replace(record, status="promoted", promoted_at=utc_now())
+                )
+        except Exception as exc:
+            log.warning("run %s: the lineage does not say promoted: %s", run_id, exc)
+
+    async def _retain(self) -> None:
+        """Delete promoted models beyond the newest `keep_models` that the config does not
+        name, from the backend and the config's `models`; under the config lock."""
+        if self.models is None:
+            return
+        try:
+            config = read_config(self.config_path)
+            doomed = to_prune(
+                await self.models.lineages(), keep=self.keep_models, in_use=names_in_use(config)
+            )
+            gone: list[ModelLineage] = []
+            for record in doomed:
+                try:
+                    await self.models.delete(record.model)
+                except BackendError as exc:  # still promoted: the next promotion tries again
+                    log.warning("cannot delete %s from the backend: %s", record.model, exc)
+                    continue
+                gone.append(record)
+            pruned = without_entries(config, [r.model for r in gone])
+            if pruned != config:
+                write_config(self.config_path, pruned)
+            why = f"older than the newest {self.keep_models} promoted models"
+            for record in gone:
+                log.info("retired %s: %s", record.model, why)
+                await self.models.save(
+                    msgspec.structs.replace(
+                        record, status="retired", retired_at=utc_now(), retired_reason=why
+                    )
+                )
+        except Exception as exc:  # the update itself succeeded; the next one prunes again
+            log.warning("retention of models in %s failed: %s", self.config_path, exc)
+
+    async def _check_restorable(self, backup: str) -> None:
+        """ModelGone when the backup's left model is no longer on the backend."""
+        if self.models is None:
+            return
+        model = backup_left_model(self.config_path, backup, self.key_path)
+        if not model:
+            return
+        try:
+            exists = await self.models.exists(model)
+        except BackendError as exc:  # a rollback is for bad times: it is not refused for this
+            log.warning("cannot check that %s is on the backend (%s); restoring", model, exc)
+            return
+        if not exists:
+            raise ModelGone(
+                f"backup {backup} names {model}, which is no longer on the backend; "
+                "choose another backup with --to (see mindx backups)"
+            )
+
     def _current(self) -> str | None:
         try:
             return left_model(read_config(self.config_path), self.key_path)
@@ -370,6 +499,8 @@ async def serve(bus: Bus, settings: Settings, backend: Backend) -> list[Service]
         config_path=settings.config_path,
         key_path=settings.left_key,
         keep_backups=settings.keep_backups,
+        models=BusModels(bus, backend, settings.training_path),
+        keep_models=settings.keep_models,
     )
     return [
         await bus.serve(subjects.CONFIG_UPDATER, ModelValidated, updater.on_model_validated),

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,45 @@ def model_entry(config: dict[str, Any], model: str) -> dict[str, Any]:
     models = config.get("models")
     entry = _find_entry(models, model) if isinstance(models, list) else None
     return copy.deepcopy(entry) if entry is not None else {}
+
+
+def names_in_use(config: dict[str, Any]) -> set[str]:
+    """Every string the config holds outside its `models` entries (the left and right brain,
+    and whatever else names a model): a model named there is in use."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            found.add(node)
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk({k: v for k, v in config.items() if k != "models"})
+    return found
+
+
+def without_entries(config: dict[str, Any], models: Iterable[str]) -> dict[str, Any]:
+    """A copy of `config` without the `models` entries of `models` (the input is not modified;
+    everything else keeps its value and position)."""
+    drop = set(models)
+    out = copy.deepcopy(config)
+    entries = out.get("models")
+    if isinstance(entries, list):
+        out["models"] = [m for m in entries if not (isinstance(m, dict) and m.get("name") in drop)]
+    return out
+
+
+def backup_left_model(path: Path, backup: str, key_path: str = "brain.left") -> str | None:
+    """The left model a backup of this config would restore (None: it names none)."""
+    try:
+        data = json.loads(find_backup(path, backup).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # restore() reports the broken backup
+    return left_model(data, key_path) if isinstance(data, dict) else None
 
 
 def _split_key(key_path: str) -> list[str]:

@@ -24,8 +24,22 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def apply_comparison(report: RunReport, cmp: Comparison, decision: Decision) -> RunReport:
-    """A copy of `report` with the gate's numbers and decision filled in (NaN → None)."""
+def apply_comparison(
+    report: RunReport, cmp: Comparison, decision: Decision, incumbent: Comparison | None = None
+) -> RunReport:
+    """A copy of `report` with the gate's numbers and decision filled in (NaN → None);
+    `incumbent`: new − the live model (`report.incumbent_model`) on the same cases."""
+    if incumbent is not None:
+        report = msgspec.structs.replace(
+            report,
+            incumbent_score=_finite(incumbent.base_mean),
+            incumbent_accuracy=_finite(incumbent.base_accuracy),
+            incumbent_ci_low=_finite(incumbent.ci_low),
+            incumbent_ci_high=_finite(incumbent.ci_high),
+        )
+    errors = {"base": cmp.base_errors, "new": cmp.new_errors}
+    if incumbent is not None:
+        errors["incumbent"] = incumbent.base_errors
     return msgspec.structs.replace(
         report,
         base_score=_finite(cmp.base_mean),
@@ -39,7 +53,7 @@ def apply_comparison(report: RunReport, cmp: Comparison, decision: Decision) -> 
         threshold=cmp.threshold,
         min_effect=decision.min_effect,
         held_out_cases=cmp.cases,
-        errors={"base": cmp.base_errors, "new": cmp.new_errors},
+        errors=errors,
         improved=decision.improved,
         decision_reason=decision.reason,
     )

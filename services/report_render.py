@@ -50,11 +50,20 @@ def _run_name(report: RunReport) -> str:
     return report.run_id or report.training_id or "(unnamed run)"
 
 
-def _ci_text(report: RunReport) -> str:
-    if report.ci_low is None or report.ci_high is None:
+def _ci_text(report: RunReport, live: bool = False) -> str:
+    low, high = (
+        (report.incumbent_ci_low, report.incumbent_ci_high)
+        if live
+        else (report.ci_low, report.ci_high)
+    )
+    if low is None or high is None:
         return "CI —"
-    pct = num(report.confidence or 0.95, ".0%")
-    return f"{pct} CI [{signed(report.ci_low)}, {signed(report.ci_high)}]"
+    return f"{num(report.confidence or 0.95, '.0%')} CI [{signed(low)}, {signed(high)}]"
+
+
+def _live_diff(report: RunReport) -> float | None:
+    new, live = report.validation_score, report.incumbent_score
+    return new - live if new is not None and live is not None else None
 
 
 def funnel_line(report: RunReport) -> str:
@@ -87,12 +96,17 @@ def summary_text(report: RunReport, html_path: Path | str | None = None) -> str:
             f"  diff {signed(report.score_diff)}  {_ci_text(report)}"
         )
         thr = f"@{report.threshold:.2f}" if report.threshold is not None else ""
+        if report.incumbent_model:
+            lines.append(
+                f"  live    {report.incumbent_model} {num(report.incumbent_score)}"
+                f"  new − live {signed(_live_diff(report))}  {_ci_text(report, live=True)}"
+            )
         lines.append(
             f"  acc{thr}  base {_pct(report.base_accuracy)}  new {_pct(report.new_accuracy)}"
             f"  errors base {report.errors.get('base', 0)} new {report.errors.get('new', 0)}"
             f"  cases {report.held_out_cases}"
         )
-    lines.append(f"  pairs   {funnel_line(report)}")
+    lines.append(f"  pairs   {funnel_line(report)} ({report.new_pairs} new)")
     if report.validation_request:
         asked = report.validation_request
         system = "the app's system prompt" if asked.get("system_sent") else "the model's SYSTEM"
@@ -434,8 +448,15 @@ def _text_block(title: str, text: str, error: str | None = None) -> str:
     return f'<div><p class="k2">{esc(title)}</p>{body}</div>'
 
 
-def _case_card(c: CaseResult) -> str:
+def _case_card(c: CaseResult, live: str | None = None) -> str:
     d = _diff(c)
+    live_block = (
+        _text_block(
+            f"live model answer ({num(c.incumbent_score)})", c.incumbent_answer, c.incumbent_error
+        )
+        if live
+        else ""
+    )
     topic = f" · {esc(c.topic)}" if c.topic else ""
     return (
         f'<div class="case"><h3>case {c.case_id}{topic} · base {num(c.base_score)} → new '
@@ -443,7 +464,7 @@ def _case_card(c: CaseResult) -> str:
         f'<div class="texts">{_text_block("prompt", c.prompt)}'
         f"{_text_block('expected (held out, never trained on)', c.expected)}"
         f"{_text_block('base answer', c.base_answer, c.base_error)}"
-        f"{_text_block('new answer', c.new_answer, c.new_error)}</div></div>"
+        f"{_text_block('new answer', c.new_answer, c.new_error)}{live_block}</div></div>"
     )
 
 
@@ -452,9 +473,10 @@ def _changed_most(report: RunReport, k: int = 5) -> str:
     gains = sorted((t for t in diffs if t[0] > 0), key=lambda t: (-t[0], t[1].case_id))[:k]
     losses = sorted((t for t in diffs if t[0] < 0), key=lambda t: (t[0], t[1].case_id))[:k]
     out = [f"<h3>Largest gains ({len(gains)})</h3>"]
-    out += [_case_card(c) for _, c in gains] or ['<p class="muted">No case improved.</p>']
+    live = report.incumbent_model
+    out += [_case_card(c, live) for _, c in gains] or ['<p class="muted">No case improved.</p>']
     out.append(f"<h3>Largest losses ({len(losses)})</h3>")
-    out += [_case_card(c) for _, c in losses] or ['<p class="muted">No case got worse.</p>']
+    out += [_case_card(c, live) for _, c in losses] or ['<p class="muted">No case got worse.</p>']
     return "".join(out)
 
 
@@ -468,12 +490,17 @@ def _cases_table(report: RunReport) -> str:
         )
         errs = "; ".join(
             f"{side}: {_clip(e, 80)}"
-            for side, e in (("base", c.base_error), ("new", c.new_error))
+            for side, e in (
+                ("base", c.base_error),
+                ("new", c.new_error),
+                ("live", c.incumbent_error),
+            )
             if e
         )
         rows.append(
             f'<tr><td class="n">{c.case_id}</td><td>{esc(c.topic)}</td>'
             f'<td class="n">{num(c.base_score)}</td><td class="n">{num(c.new_score)}</td>'
+            f'<td class="n">{num(c.incumbent_score)}</td>'
             f'<td class="n">{d}</td><td>{esc(_clip(c.prompt, 140))}'
             + (f'<div class="err">{esc(errs)}</div>' if errs else "")
             + "</td></tr>"
@@ -481,15 +508,17 @@ def _cases_table(report: RunReport) -> str:
     return (
         f"<details><summary>All {len(report.cases)} held-out cases</summary><table>"
         '<tr><th class="n">case</th><th>topic</th><th class="n">base</th><th class="n">new</th>'
-        f'<th class="n">diff</th><th>prompt</th></tr>{"".join(rows)}</table></details>'
+        '<th class="n">live</th><th class="n">new − base</th><th>prompt</th></tr>'
+        f"{''.join(rows)}</table></details>"
     )
 
 
 def _decision_html(report: RunReport, tone: str) -> str:
     base, new = esc(report.base_model or "the base model"), esc(report.new_model or "new model")
+    live = f"<b>{esc(report.incumbent_model)}</b>" if report.incumbent_model else f"<b>{base}</b>"
     headline = {
-        "success": f"<b>{new}</b> replaces <b>{base}</b> as the left-brain model.",
-        "completed_no_improvement": f"<b>{base}</b> stays: {new} was not shown to be better.",
+        "success": f"<b>{new}</b> replaces {live} as the left-brain model.",
+        "completed_no_improvement": f"{live} stays: {new} was not shown to be better.",
         "success_config_failed": (
             f"{new} is better than {base}, but the model config could not be updated."
         ),
@@ -522,6 +551,18 @@ def _scores_html(report: RunReport) -> str:
         _stat("base score", num(report.base_score), f"accuracy {_pct(report.base_accuracy)}"),
         _stat("new score", num(report.validation_score), f"accuracy {_pct(report.new_accuracy)}"),
         _stat("difference", signed(report.score_diff), esc(_ci_text(report))),
+        *(
+            [
+                _stat(
+                    "live model score",
+                    num(report.incumbent_score),
+                    f"{esc(report.incumbent_model)}, accuracy {_pct(report.incumbent_accuracy)}",
+                ),
+                _stat("new − live", signed(_live_diff(report)), esc(_ci_text(report, live=True))),
+            ]
+            if report.incumbent_model
+            else []
+        ),
         _stat(
             "scoring errors",
             f"{report.errors.get('base', 0)} / {report.errors.get('new', 0)}",
@@ -531,7 +572,9 @@ def _scores_html(report: RunReport) -> str:
     out = [
         "<h2>Scores on held-out cases</h2>",
         f'<div class="grid">{"".join(stats)}</div>',
-        f'<p class="muted">Held-out prompts never appear in the training data. Means and '
+        '<p class="muted">Held-out prompts never appear in the training data'
+        + (", nor among the live model's examples" if report.incumbent_model else "")
+        + ". Means and "
         f"accuracy{esc(thr)} are over cases both models answered; a case with an error on "
         f"either side is left out of the comparison, not scored 0.</p>",
     ]
@@ -596,6 +639,7 @@ def _meta_html(report: RunReport) -> str:
         ("mode / backend", f"{report.mode} / {report.backend or '—'}"),
         ("base model", report.base_model),
         ("new model", report.new_model),
+        ("live model", report.incumbent_model or ""),
         ("started", when(report.start_time)),
         ("ended", f"{when(report.end_time)} ({duration})"),
         (
@@ -629,11 +673,13 @@ def render_html(report: RunReport) -> str:
             if report.base_model
             else ""
         )
+        + (f" · live: {esc(report.incumbent_model)}" if report.incumbent_model else "")
         + "</div>",
         _decision_html(report, tone),
         _scores_html(report),
         "<h2>Pairs</h2>",
         _funnel_html(report),
+        f'<p class="muted">{esc(report.selection)}.</p>' if report.selection else "",
         "<h2>Time per stage</h2>",
         _timings_html(report),
     ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +45,19 @@ def held_out_count(distinct_prompts: int, n: int, *, max_fraction: float = 0.2) 
 
 
 def split_held_out(
-    pairs: Sequence[Pair], n: int, *, seed: int, max_fraction: float = 0.2
+    pairs: Sequence[Pair],
+    n: int,
+    *,
+    seed: int,
+    max_fraction: float = 0.2,
+    exclude: Collection[str] = frozenset(),
 ) -> tuple[list[Pair], list[Pair]]:
     """Split pairs into (train, held_out), by prompt and stratified by topic.
+
+    `exclude`: normalized prompts never held out (the live model saw them, so a case on one
+    would not be fair to the new model); they stay in train. The count is taken over all
+    distinct prompts, so it does not shrink as the live model's share grows, only when fewer
+    prompts are left to hold out.
 
     One held-out case per chosen prompt (the first pair with that prompt, in input order). Every
     pair whose normalized prompt equals a held-out prompt is left out of train, so the new model is
@@ -61,12 +71,13 @@ def split_held_out(
     first: dict[str, Pair] = {}  # normalized prompt → its first pair
     for pair in pairs:
         first.setdefault(normalize_prompt(pair.prompt), pair)
-    count = held_out_count(len(first), n, max_fraction=max_fraction)
+    candidates = {p: pair for p, pair in first.items() if p not in exclude}
+    count = min(held_out_count(len(first), n, max_fraction=max_fraction), len(candidates))
     if count == 0:
         return list(pairs), []
 
     by_topic: dict[str, list[str]] = {}
-    for prompt, pair in first.items():
+    for prompt, pair in candidates.items():
         by_topic.setdefault(topic_of(pair), []).append(prompt)
     rng = np.random.default_rng(seed)
     topics = sorted(by_topic)
@@ -212,9 +223,21 @@ def signed(x: float | None) -> str:
 
 
 def decide(
-    cmp: Comparison, *, min_effect: float = 0.0, max_error_rate: float = 0.25, cases: int
+    cmp: Comparison,
+    *,
+    min_effect: float = 0.0,
+    max_error_rate: float = 0.25,
+    cases: int,
+    incumbent: Comparison | None = None,
+    failures: int | None = None,
 ) -> Decision:
-    """Promote only when the CI's lower bound is above min_effect; fail on too many errors."""
+    """Promote only when the CI's lower bound is above min_effect; fail on too many errors.
+
+    With an `incumbent` (new − live model on the same cases): promote only when the lower
+    bound of that CI is above min_effect and the new model is no worse than the base, i.e. its
+    CI over the base is not entirely below 0. `failures`: cases with an error on any side
+    (default: those of `cmp`).
+    """
 
     def result(improved: bool, failed: bool, reason: str, rate: float) -> Decision:
         return Decision(improved, failed, reason, rate, min_effect, max_error_rate)
@@ -222,15 +245,18 @@ def decide(
     if cases <= 0:
         return result(False, True, "no held-out cases to validate on", math.nan)
     # Cases that never came back (not in cmp) are errors too.
-    failures = cmp.either_errors + max(0, cases - cmp.cases)
+    if failures is None:
+        failures = cmp.either_errors
+    failures += max(0, cases - cmp.cases)
     rate = failures / cases
     if rate > max_error_rate:
         return result(
             False,
             True,
             f"validation failed: {failures} of {cases} held-out cases could not be "
-            f"scored (base errors {cmp.base_errors}, new errors {cmp.new_errors}; "
-            f"{rate:.0%} > allowed {max_error_rate:.0%})",
+            f"scored (base errors {cmp.base_errors}, new errors {cmp.new_errors}"
+            + (f", live model errors {incumbent.base_errors}" if incumbent else "")
+            + f"; {rate:.0%} > allowed {max_error_rate:.0%})",
             rate,
         )
     pct = f"{cmp.confidence:.0%}"
@@ -239,14 +265,32 @@ def decide(
         if failures
         else ""
     )
-    if cmp.n_paired < 2 or math.isnan(cmp.ci_low):
+    paired = min(cmp.n_paired, incumbent.n_paired) if incumbent else cmp.n_paired
+    if paired < 2 or math.isnan(cmp.ci_low) or (incumbent and math.isnan(incumbent.ci_low)):
+        kept = "the live model stays" if incumbent else "the base is kept"
         return result(
             False,
             False,
-            f"only {cmp.n_paired} held-out case{'s' if cmp.n_paired != 1 else ''} scored on "
-            f"both sides{errors}: too few to estimate a confidence interval, so the base is kept",
+            f"only {paired} held-out case{'s' if paired != 1 else ''} scored on "
+            f"{'all three models' if incumbent else 'both sides'}{errors}: too few to estimate "
+            f"a confidence interval, so {kept}",
             rate,
         )
+    if incumbent is not None:
+        head = (
+            f"new model scores {signed(incumbent.mean_diff)} ({pct} CI "
+            f"{signed(incumbent.ci_low)}…{signed(incumbent.ci_high)}) over the live model and "
+            f"{signed(cmp.mean_diff)} ({pct} CI {signed(cmp.ci_low)}…{signed(cmp.ci_high)}) "
+            f"over base on {paired} held-out cases{errors}; "
+        )
+        if incumbent.ci_low <= min_effect:
+            why = f"lower bound over the live model not above the minimum effect {min_effect:.3f}"
+            return result(False, False, head + why + ", so the live model stays", rate)
+        if cmp.ci_high < 0:
+            why = "worse than the base (the whole interval over it is below 0)"
+            return result(False, False, head + why + ", so the live model stays", rate)
+        why = f"lower bound above the minimum effect {min_effect:.3f}, and no worse than the base"
+        return result(True, False, head + why, rate)
     head = (
         f"new model scores {signed(cmp.mean_diff)} ({pct} CI {signed(cmp.ci_low)}…"
         f"{signed(cmp.ci_high)}) over base on {cmp.n_paired} held-out cases{errors}; "

@@ -2,13 +2,16 @@
 
 This is the imperative shell of a run: it reads the corpus, calls the filter, writes the run
 files, asks the validators, has the model built, publishes the outcome and writes the report.
-Every decision on the way (enough data? which split? promote?) is made in `services/pipeline.py`.
+Every decision on the way (enough new data? which split? promote?) is made in
+`services/pipeline.py`. Every model it creates gets a lineage record first (`services/lineage`);
+a challenger that loses, or a run that fails after creating one, deletes it from the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -23,16 +26,18 @@ from typing import TYPE_CHECKING
 import msgspec
 import numpy as np
 
-from services import generator, model_builder, pipeline
-from services.filter import run_filter
-from services.memory_adapter import load_watermark, save_watermark
+from services import generator, lineage, model_builder, pipeline
+from services.filter import embedding_text, run_filter
+from services.memory_adapter import save_watermark
+from services.model_config import ConfigError, left_model, read_config
 from services.report import apply_comparison, read_report, write_report
 from services.validator import score_case, validate_cases
 from shared import subjects
-from shared.backend import Backend, ChatMessage
+from shared.backend import Backend, BackendError, ChatMessage, ModelNotFound
 from shared.bus import Expect
 from shared.files import atomic_write, create_new, ensure_private_dir, timestamp
 from shared.messages import (
+    ModelLineage,
     ModelUpdated,
     ModelUpdateFailed,
     ModelValidated,
@@ -48,6 +53,7 @@ from shared.messages import (
     utc_now,
 )
 from shared.modelfile import render_modelfile
+from shared.names import same_model
 from shared.settings import Settings
 from shared.subjects import RunNames
 
@@ -125,6 +131,7 @@ class Run:
     bus: Bus
     started: datetime = field(default_factory=utc_now)
     record: RunRecord | None = None  # the run's entry in the RUNS bucket, once written
+    lineage: ModelLineage | None = None  # the new model's, once it is being created
     deadline: asyncio.Timeout | None = None  # disarmed once the run's outcome is decided
 
     @property
@@ -241,6 +248,8 @@ class Trainer:
             log.exception("run %s failed", names.run_id)
             run.report.status = "failed"
             run.report.error = f"{type(exc).__name__}: {exc}"
+            if run.lineage is not None and run.lineage.status == "candidate":
+                await self._discard(run, f"the run failed: {run.report.error}")
         report = run.report
         if run.record is not None:  # validators stop serving it; a late model.validated matches
             try:
@@ -269,15 +278,28 @@ class Trainer:
     async def _run(self, run: Run) -> None:
         s, report, req = run.settings, run.report, run.request
 
-        # 1. corpus since the watermark (none yet: the whole corpus)
+        # 1. the whole corpus; new is what arrived since the last promoted model's corpus
         async with run.stage("collect"):
-            since = req.since or load_watermark(s.watermark_path)
-            pairs = await asyncio.to_thread(self.corpus.pairs, since)
-        report.total_pairs = len(pairs)
-        await run.progress("collect", len(pairs), len(pairs), f"{len(pairs)} pairs since {since}")
-        pipeline.check_collected(pairs, s, force=req.force)
+            snapshot = await asyncio.to_thread(self.corpus.snapshot)
+            models = await lineage.load_all(self.bus)
+            cutoff = pipeline.arrival_cutoff(models, req.since)
+            new = pipeline.arrived_since(snapshot, cutoff)
+            incumbent = await self._incumbent(s)
+        since = (
+            f"--since {req.since.isoformat()}"
+            if req.since
+            else "the last promoted model"
+            if cutoff
+            else "the start (nothing promoted yet)"
+        )
+        report.total_pairs, report.new_pairs = len(snapshot.pairs), len(new)
+        await run.progress(
+            "collect", len(new), len(new), f"{len(new)} of {len(snapshot.pairs)} pairs new"
+        )
+        pipeline.check_collected(new, s, force=req.force, since=since)
 
-        # 2. filter
+        # 2. filter the whole corpus, latest arrivals first (they win ties)
+        pairs = pipeline.newest_first(snapshot)
         async with run.stage("filter"):
             await run.progress("filter", 0, len(pairs), "filtering pairs")
 
@@ -290,28 +312,61 @@ class Trainer:
         await run.progress("filter", len(pairs), len(pairs), f"{len(result.kept)} pairs kept")
         pipeline.check_filtered(result.kept, s, force=req.force)
 
-        # 3. split by prompt: held-out prompts never reach the model
-        split = pipeline.split(result.kept, s)
+        # 3. split by prompt: held-out prompts never reach the new model, nor did the live one
+        live_lineage = pipeline.lineage_of(models, incumbent) if incumbent else None
+        seen = pipeline.seen_prompts(snapshot.pairs, live_lineage)
+        split = pipeline.split(result.kept, s, exclude=seen)
         report.training_pairs = len(split.train)
         report.held_out_cases = len(split.held_out)
         report.validation_request = pipeline.request_shape(s)
         report.funnel.append(split.stage)
+        if incumbent is not None and run.record is not None:  # validators serve it too
+            report.incumbent_model = incumbent
+            await self._record(run, msgspec.structs.replace(run.record, incumbent_model=incumbent))
 
         # 4. run files
         async with run.stage("generate"):
             new_model = run.names.model_name(s.base_model)
-            examples = pipeline.few_shot_messages(
-                split.train, s.max_examples, max_chars=s.example_budget_chars
+            vectors = await self.embedder.embed([embedding_text(p) for p in split.train])
+            chosen = pipeline.few_shot_examples(
+                split.train, s.max_examples, max_chars=s.example_budget_chars, vectors=vectors
             )
+            examples = generator.chat_messages(chosen)
             records = generator.dataset_records(split.train, s.system_prompt)
             modelfile = render_modelfile(s.base_model, s.system_prompt, examples, {})
             files = generator.write_run_files(s.training_path, run.names, records, modelfile)
         report.artifacts.update(dataset=str(files.dataset), modelfile=str(files.modelfile))
         report.new_model = new_model
+        report.selection = pipeline.selection_text(
+            s,
+            total=len(snapshot.pairs),
+            new=len(new),
+            since=since,
+            incumbent=incumbent,
+            excluded=len(seen) if live_lineage else None,
+            examples=len(chosen),
+        )
 
-        # 5. the base model on the held-out cases, 6. the new model, then it on the same cases
+        # 5. the base (and the live model) on the held-out cases, 6. the new model on them
         async with run.stage("validate_base"):
             base_results = await self._validate(run, "validate_base", s.base_model, split.held_out)
+        live_results = None
+        if incumbent is not None:
+            async with run.stage("validate_incumbent"):
+                live_results = await self._validate(
+                    run, "validate_incumbent", incumbent, split.held_out
+                )
+        run.lineage = pipeline.lineage(
+            run.names,
+            new_model,
+            s,
+            holds=chosen if s.mode == "message" else split.train,
+            snapshot=snapshot,
+            base_digest=await self._digest(s.base_model),
+            dataset_sha256=hashlib.sha256(files.dataset.read_bytes()).hexdigest(),
+        )
+        # before the model exists, so no model is ever without its lineage
+        await lineage.save(self.bus, run.lineage, s.training_path, new_file=True)
         t_train = time.perf_counter()
         async with run.stage("create"):
             await self._create(run, new_model, examples, files.dataset)
@@ -320,17 +375,18 @@ class Trainer:
             new_results = await self._validate(run, "validate_new", new_model, split.held_out)
 
         # 7. decide
-        verdict = pipeline.judge(split.held_out, base_results, new_results, s)
-        report = run.report = apply_comparison(report, verdict.comparison, verdict.decision)
+        verdict = pipeline.judge(split.held_out, base_results, new_results, s, live_results)
+        report = run.report = apply_comparison(
+            report, verdict.comparison, verdict.decision, verdict.incumbent
+        )
         report.cases = verdict.cases
         if verdict.decision.failed:
             raise RuntimeError(verdict.decision.reason)
 
-        # the run got this far: the next run starts after this one's data, and the rest (the
-        # config switch) is bounded by config_wait_s, not by the deadline
+        # the run got this far: the rest (the config switch) is bounded by config_wait_s, not by
+        # the deadline
         if run.deadline is not None:
             run.deadline.reschedule(None)
-        save_watermark(s.watermark_path, run.started)
         report.status = verdict.status
         validated = pipeline.validated_event(
             run.run_id,
@@ -340,15 +396,19 @@ class Trainer:
             report_path=str(s.training_path / run.names.report_json_file),
             request_id=req.request_id,
         )
-        await self._record(run, pipeline.validated_record(validated))
+        await self._record(run, pipeline.validated_record(validated, incumbent))
+        run.lineage = msgspec.structs.replace(run.lineage, decision=verdict.decision.reason)
         async with run.stage("update_config"):
             if not verdict.decision.improved:
                 await self.bus.publish(
                     subjects.MODEL_VALIDATED, validated, msg_id=run.names.validated_msg_id
                 )
+                await self._discard(run, verdict.decision.reason)  # nothing moves
                 return
             outcome = await self._switch_model(run, validated)
             if isinstance(outcome, ModelUpdated):
+                # the seed's tools read the watermark: the time of the last promotion
+                save_watermark(s.watermark_path, run.started)
                 report.config = {
                     "path": outcome.config_path,
                     "backup_path": outcome.backup_path,
@@ -357,6 +417,59 @@ class Trainer:
             else:
                 report.status = "success_config_failed"
                 report.error = outcome
+                if outcome.startswith("config update failed"):  # no updater will apply it
+                    await self._discard(run, outcome)
+                else:  # model.validated waits on the bus: the model must still be there
+                    await lineage.save(self.bus, run.lineage, s.training_path)
+
+    async def _incumbent(self, s: Settings) -> str | None:
+        """The config's live model when it is not the base and the backend still has it."""
+        try:
+            live = left_model(read_config(s.config_path), s.left_key)
+        except FileNotFoundError:
+            return None
+        except (OSError, ConfigError) as exc:
+            log.warning("no live model from %s (%s); gating on the base", s.config_path, exc)
+            return None
+        live = pipeline.incumbent_of(live, s.base_model)
+        if live is None:
+            return None
+        try:
+            await self.backend.show(live)
+        except ModelNotFound:
+            log.warning("the live model %s is not on the backend; gating on the base", live)
+            return None
+        return live
+
+    async def _digest(self, model: str) -> str:
+        """The backend's digest of `model` ("" when it has none to tell)."""
+        try:
+            tags = await self.backend.tags()
+        except BackendError as exc:
+            log.warning("no digest of %s: %s", model, exc)
+            return ""
+        return next((t.digest for t in tags if same_model(t.name, model)), "")
+
+    async def _discard(self, run: Run, why: str) -> None:
+        """Delete the run's model from the backend and mark its lineage rejected: a challenger
+        that lost, or one a failed run left behind."""
+        record = run.lineage
+        if record is None:
+            return
+        try:
+            await self.backend.delete(record.model)
+        except ModelNotFound:
+            pass  # never created
+        except BackendError as exc:  # stays a candidate, so it is plain what is left over
+            log.warning("run %s: cannot delete %s: %s", run.run_id, record.model, exc)
+            return
+        run.lineage = msgspec.structs.replace(
+            record, status="rejected", decision=why, retired_at=utc_now()
+        )
+        try:
+            await lineage.save(self.bus, run.lineage, run.settings.training_path)
+        except Exception as exc:
+            log.warning("run %s: the lineage still says candidate: %s", run.run_id, exc)
 
     async def _record(self, run: Run, record: RunRecord) -> None:
         """Write the run record: what validators and the config updater trust about the run."""

@@ -5,9 +5,9 @@ of `mindx serve validator` processes share a run's cases; a validator that dies 
 trainer one retry of that case, not the run.
 
 A validator is no open proxy to the backend: it serves a case only while the trainer's run record
-says the run is in progress, only on that run's base or new model, with no system prompt but the
-configured one, and with only the options in OPTION_RULES within their caps. Anything else is
-refused with an error reply before the backend sees it.
+says the run is in progress, only on that run's base, new or live model (the incumbent), with no
+system prompt but the configured one, and with only the options in OPTION_RULES within their
+caps. Anything else is refused with an error reply before the backend sees it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def refusal(case: ValidationCase, record: RunRecord | None, system: str | None) 
         return f"run {case.run_id} is unknown"
     if record.stage != "running":
         return f"run {case.run_id} is not in progress ({record.stage})"
-    if not (same_model(case.model, record.base_model) or same_model(case.model, record.new_model)):
+    models = (record.base_model, record.new_model, record.incumbent_model)
+    if not any(m and same_model(case.model, m) for m in models):
         return f"model {case.model[:100]!r} is not a model of run {case.run_id}"
     if case.system and case.system != system:
         return "the system prompt is not the configured one"

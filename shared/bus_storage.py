@@ -7,6 +7,7 @@ A mixin of `shared.bus.Bus`, which provides the JetStream context and the denial
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Awaitable
@@ -27,6 +28,7 @@ from shared.messages import decode, encode
 from shared.subjects import LORA_OBJECT_BUCKET, BucketSpec
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Storage:
@@ -108,3 +110,33 @@ class Storage:
             return None
         except (nats.errors.Error, msgspec.DecodeError) as exc:
             raise BusError(f"cannot read {key!r} from bucket {spec.name}: {exc!r}") from exc
+
+    async def list_records(self, spec: BucketSpec, typ: type[T]) -> dict[str, T]:
+        """Every key of the bucket with its value as `typ`, oldest write first ({} without a
+        bucket). Reads message by message (what reading one record may do, no consumer); a
+        value that does not decode is left out with a warning, so one bad record hides no other.
+        """
+        stream, prefix = f"KV_{spec.name}", f"$KV.{spec.name}."
+        out: dict[str, T] = {}
+        try:
+            if await self._kv(spec, create=False) is None:
+                return out
+            seq = 1
+            while True:
+                try:
+                    msg = await self._api(
+                        self._js.get_msg(stream, seq, subject=f"{prefix}>", next=True)
+                    )
+                except nats.js.errors.NotFoundError:  # nothing after `seq`
+                    return out
+                key = (msg.subject or "")[len(prefix) :]
+                seq = (msg.seq or seq) + 1
+                out.pop(key, None)  # a rewritten key moves to the end
+                if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                    continue
+                try:
+                    out[key] = decode(msg.data or b"", typ)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("bucket %s: record %r unreadable: %s", spec.name, key, exc)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot list bucket {spec.name}: {exc!r}") from exc

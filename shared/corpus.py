@@ -10,7 +10,9 @@ every POSIX lock the process holds on it, SQLite's WAL locks included, and anoth
 then delete the live WAL under a writer that goes on acking points. For the same reason a process
 has one owner per corpus file (`Corpus.open` of a path already open shares it).
 
-Times are stored as UTC ISO-8601 text of fixed width, so text order is time order.
+Times are stored as UTC ISO-8601 text of fixed width, so text order is time order. A point's
+`arrived_at` is when the collector stored that version of it (not the point's own times): what
+"new since the last model" means, so memory imported, delivered or synced late still counts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -43,7 +46,8 @@ CREATE TABLE IF NOT EXISTS points (
     updated_at  TEXT,
     changed_at  TEXT NOT NULL,   -- max(created_at, updated_at): what `since` compares
     version     TEXT NOT NULL,   -- updated_at, else created_at: what decides a replacement
-    body        BLOB NOT NULL    -- the point as JSON
+    body        BLOB NOT NULL,   -- the point as JSON
+    arrived_at  TEXT             -- when this version was stored; strictly increasing per commit
 );
 CREATE INDEX IF NOT EXISTS points_changed_at ON points (changed_at);
 CREATE TABLE IF NOT EXISTS pairs (
@@ -66,6 +70,7 @@ CREATE TABLE IF NOT EXISTS withheld (  -- pairs the collector kept out, counted,
 
 _KEYWORDS = msgspec.json.Encoder()
 _NEVER = "0000-00-00T00:00:00.000000+00:00"  # sorts before every real time
+_NEVER_ARRIVED = "0001-01-01T00:00:00.000000+00:00"  # a parseable "long ago"
 
 
 def to_utc(at: datetime) -> datetime:
@@ -91,6 +96,16 @@ _WAL_LIMIT = 64 << 20  # a WAL beyond this is checkpointed by the writer itself
 _MAX_PARAMS = 500  # ids per `IN (...)`, far below SQLite's bound-parameter limit
 
 
+def _arrival(conn: sqlite3.Connection) -> str:
+    """Now, or just after the newest arrival stored (a clock set back, or the same microsecond):
+    inside the write transaction, so every commit arrives strictly after all earlier ones."""
+    now = datetime.now(UTC)
+    (latest,) = conn.execute("SELECT max(arrived_at) FROM points").fetchone()
+    if latest is not None:
+        now = max(now, datetime.fromisoformat(latest) + timedelta(microseconds=1))
+    return now.isoformat(timespec="microseconds")
+
+
 def _prepare(point: MemoryPoint, pairs: Sequence[Pair]) -> tuple[_PointRow, list[_PairRow]]:
     """The rows of one point, computed outside the lock (encoding is the costly part)."""
     created = _iso(point.created_at)
@@ -114,6 +129,36 @@ def _prepare(point: MemoryPoint, pairs: Sequence[Pair]) -> tuple[_PointRow, list
             at_text = _iso(p.created_at)
         rows.append((point.id, p.turn, p.prompt, p.completion, p.kind, keywords_json, at_text))
     return (point.id, created, updated, changed, version, body), rows
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a corpus written by an older version up to this schema (idempotent)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(points)")}
+    if "arrived_at" not in columns:
+        # when older points arrived is unknown: their own time is the best guess
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE points ADD COLUMN arrived_at TEXT")
+            conn.execute("UPDATE points SET arrived_at = changed_at")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    conn.execute("CREATE INDEX IF NOT EXISTS points_arrived_at ON points (arrived_at)")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every pair with when its point arrived and which version of it: one consistent read."""
+
+    pairs: list[Pair]  # by point id and turn
+    arrived: dict[int, datetime]  # point id → when the collector stored its version
+    versions: dict[int, str]  # point id → its version (updated_at, else created_at)
+
+    @property
+    def until(self) -> datetime | None:
+        """The newest arrival read: whatever arrives later is newer than this."""
+        return max(self.arrived.values(), default=None)
 
 
 class _Checkpointer:
@@ -159,6 +204,27 @@ class _Checkpointer:
         self._thread.join()
 
 
+def _pair(row: _PairRow) -> Pair:
+    point_id, turn, prompt, completion, kind, keywords, created_at = row
+    return Pair(
+        prompt=prompt,
+        completion=completion,
+        point_id=point_id,
+        turn=turn,
+        kind=kind,
+        keywords=tuple(msgspec.json.decode(keywords)),
+        created_at=_parse(created_at),
+    )
+
+
+def _pair_rows(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[_PairRow]:
+    return conn.execute(
+        "SELECT q.point_id, q.turn, q.prompt, q.completion, q.kind, q.keywords, q.created_at"
+        " FROM pairs q JOIN points p ON p.id = q.point_id" + where + " ORDER BY q.point_id, q.turn",
+        args,
+    ).fetchall()
+
+
 class _Store:
     """The one owner of a corpus file's connections in this process: shared by every `Corpus`
     opened on that file, closed with the last of them."""
@@ -200,6 +266,7 @@ class _Store:
             conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             key = _file_key(path)
         except BaseException:
             conn.close()
@@ -375,15 +442,16 @@ class Corpus:
                 if not winners:
                     conn.execute("ROLLBACK")
                     return outcomes
+                arrived = _arrival(conn)
                 replaced = [(pid,) for pid in winners if pid in existed]
                 if replaced:
                     conn.executemany("DELETE FROM pairs WHERE point_id = ?", replaced)
                     conn.executemany("DELETE FROM withheld WHERE point_id = ?", replaced)
                 conn.executemany(
                     "INSERT OR REPLACE INTO points"
-                    " (id, created_at, updated_at, changed_at, version, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [prepared[i][0] for i in winners.values()],
+                    " (id, created_at, updated_at, changed_at, version, body, arrived_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(*prepared[i][0], arrived) for i in winners.values()],
                 )
                 conn.executemany(
                     "INSERT INTO pairs"
@@ -413,27 +481,26 @@ class Corpus:
     def pairs(self, since: datetime | None = None) -> list[Pair]:
         """Pairs of the points changed after `since` (all when None), by point id and turn."""
         where, args = self._since_clause(since)
-        sql = (
-            "SELECT q.point_id, q.turn, q.prompt, q.completion, q.kind, q.keywords, q.created_at"
-            " FROM pairs q JOIN points p ON p.id = q.point_id"
-            + where
-            + " ORDER BY q.point_id, q.turn"
-        )
         store = self._live()
         with store.lock:
-            rows = store.conn.execute(sql, args).fetchall()
-        return [
-            Pair(
-                prompt=prompt,
-                completion=completion,
-                point_id=point_id,
-                turn=turn,
-                kind=kind,
-                keywords=tuple(msgspec.json.decode(keywords)),
-                created_at=_parse(created_at),
-            )
-            for point_id, turn, prompt, completion, kind, keywords, created_at in rows
-        ]
+            rows = _pair_rows(store.conn, where, args)
+        return [_pair(row) for row in rows]
+
+    def snapshot(self) -> Snapshot:
+        """All pairs, with their points' arrival and version, read in one transaction (a
+        collector in another process may commit between two plain reads)."""
+        store = self._live()
+        with store.lock:
+            conn = store.conn
+            conn.execute("BEGIN")
+            try:
+                points = conn.execute("SELECT id, version, arrived_at FROM points").fetchall()
+                rows = _pair_rows(conn, "", ())
+            finally:
+                conn.execute("COMMIT")
+        arrived = {pid: datetime.fromisoformat(at or _NEVER_ARRIVED) for pid, _, at in points}
+        versions = {pid: version for pid, version, _ in points}
+        return Snapshot([_pair(row) for row in rows], arrived, versions)
 
     def points(self, since: datetime | None = None) -> list[MemoryPoint]:
         """The stored points changed after `since` (all when None), by id."""

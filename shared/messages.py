@@ -20,6 +20,9 @@ RunStatus = Literal[
     "success", "completed_no_improvement", "success_config_failed", "skipped", "failed"
 ]
 RunStage = Literal["running", "validated", "finished"]
+# candidate: created, not (yet) live; promoted: made live by the gate; rejected: lost the gate
+# (deleted from the backend); retired: removed from the backend later (retention, forgetting)
+ModelStatus = Literal["candidate", "promoted", "rejected", "retired"]
 # SQLite's INTEGER range: an id beyond it could be published, but never stored by the collector.
 PointId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
@@ -73,7 +76,7 @@ class TrainingRequested(Payload, kw_only=True, frozen=True):
     base_model: ModelName | None = None
     min_corpus: int | None = None
     force: bool = False
-    since: datetime | None = None  # overrides the watermark
+    since: datetime | None = None  # what arrived after it is new (default: the last promotion)
 
 
 class TrainingStarted(Payload, kw_only=True, frozen=True):
@@ -185,6 +188,37 @@ class RunRecord(Payload, kw_only=True, frozen=True):
     cases: int = 0
     status: RunStatus | None = None  # once finished
     at: datetime = msgspec.field(default_factory=utc_now)
+    incumbent_model: ModelName | None = None  # the live model, validated on the same cases
+
+
+class PointVersion(msgspec.Struct, frozen=True, array_like=True):
+    """One memory point as a model saw it: `[id, version]` (version: updated_at, else
+    created_at, as the corpus stores it)."""
+
+    id: int
+    version: str
+
+
+class ModelLineage(Payload, kw_only=True, frozen=True):
+    """What a created model is made of (bucket `mindx-models`, key = run id, and
+    `lineage_<run_id>.json` beside the run files). `points` are what the model holds: the baked
+    examples in message mode, the training split in LoRA mode; a case from any other point is
+    one it never saw."""
+
+    run_id: RunId
+    model: ModelName
+    base_model: ModelName
+    base_digest: str = ""  # the base model's digest on the backend when the run built on it
+    mode: Mode
+    points: list[PointVersion] = []
+    dataset_sha256: str = ""  # of train_data_<run_id>.jsonl
+    collected_until: datetime | None = None  # the newest arrival in the corpus the run read
+    decision: str = ""  # the gate's reason
+    status: ModelStatus = "candidate"
+    created_at: datetime = msgspec.field(default_factory=utc_now)
+    promoted_at: datetime | None = None
+    retired_at: datetime | None = None
+    retired_reason: str = ""
 
 
 # --- validation (core NATS request/reply, queue group) ------------------------------------------
@@ -276,6 +310,10 @@ class CaseResult(msgspec.Struct, kw_only=True):
     base_error: str | None = None
     new_error: str | None = None
     topic: str = ""
+    # the live model's answer on the same case, when there was one besides the base
+    incumbent_answer: str = ""
+    incumbent_score: float | None = None
+    incumbent_error: str | None = None
 
 
 def _no_errors() -> dict[str, int]:
@@ -329,6 +367,14 @@ class RunReport(msgspec.Struct, kw_only=True):
     # how validation asked the models: {"system_sent", "system", "options"}
     validation_request: dict[str, Any] = {}
     lora: dict[str, Any] | None = None
+    # the live model (the incumbent) on the same cases; its CI is of new − incumbent
+    incumbent_model: str | None = None
+    incumbent_score: float | None = None
+    incumbent_accuracy: float | None = None
+    incumbent_ci_low: float | None = None
+    incumbent_ci_high: float | None = None
+    new_pairs: int = 0  # pairs that arrived since the last promoted model: the trigger
+    selection: str = ""  # how the training set, held-out cases and examples were chosen
 
 
 # --- dead letters -------------------------------------------------------------------------------

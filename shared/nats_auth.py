@@ -35,6 +35,7 @@ from shared.subjects import (
     MODEL_UPDATE_FAILED,
     MODEL_UPDATED,
     MODEL_VALIDATED,
+    MODELS,
     RUNS,
     STREAMS,
     TRAINER,
@@ -212,6 +213,7 @@ CONFIG_UPDATER_PERMS = (
     | durable_consumer(replace(CONFIG_ROLLBACK, durable="*"))
     | publish(*_MODEL_ANSWERS)
     | run_records(RUNS, write=False)  # a model.validated is checked against its run's record
+    | run_records(MODELS, write=True)  # marks a model promoted, prunes old ones
 )
 LORA_WORKER_PERMS = (
     durable_consumer(LORA_WORKER)
@@ -224,6 +226,7 @@ TRAINER_PERMS = (
     | listen(*_MODEL_ANSWERS, _LORA_DONE)  # what publish_and_wait waits for
     | object_store(LORA_OBJECT_BUCKET)
     | run_records(RUNS, write=True)
+    | run_records(MODELS, write=True)  # each created model's lineage
 )
 # `train --run-once`, `memory import` and `rollback` also act as a client of the service they run
 LOCAL_CLIENT_PERMS = publish(
@@ -250,6 +253,7 @@ ROLE_PERMISSIONS: dict[Role, Permissions] = {
         | listen(*_RUN_EVENTS, *_MODEL_ANSWERS)
         | stream_status()
         | read_dead_letters()
+        | run_records(MODELS, write=False)  # `mindx models`
     ),
 }
 

@@ -59,6 +59,7 @@ class Settings:
     watermark: Path = Path("~/.mindx/training/last_training.json")
     left_key: str = "brain.left"  # key path of the left-brain model in the config
     keep_backups: int = 10
+    keep_models: int = 3  # promoted models kept on the backend (rollback targets)
 
     # bus and backend
     nats: str | None = None  # None: start an embedded nats-server (user:password@ works)
@@ -253,6 +254,7 @@ class Settings:
                 f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}",
             ),
             at_least("keep_backups", 1),
+            at_least("keep_models", 1),
             within("memory_retention_days", self.memory_retention_days > 0, "(0, inf)"),
             at_least("min_corpus", 1),
             at_least("max_pairs", 1),

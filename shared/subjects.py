@@ -117,6 +117,10 @@ class RunNames:
     def report_html_file(self) -> str:
         return f"report_{self.run_id}.html"
 
+    @property
+    def lineage_file(self) -> str:
+        return f"lineage_{self.run_id}.json"
+
     def model_name(self, base_model: str) -> str:
         """`qwen3:0.6b` → `mindx-qwen3-0.6b:20261126-120501` (a valid Ollama name)."""
         stem = base_model.rsplit("/", 1)[-1]
@@ -185,6 +189,9 @@ class BucketSpec:
 # run id → the trainer's RunRecord: what validators and the config updater check messages against;
 # kept longer than the MODEL stream keeps a model.validated
 RUNS = BucketSpec("mindx-runs", max_age_s=90 * 24 * 3600)
+# run id → the ModelLineage of the model the run created: kept as long as anything may ask what a
+# model was trained on (retention and forgetting read it), so it never expires
+MODELS = BucketSpec("mindx-models")
 
 
 # --- durable consumers ----------------------------------------------------------------------

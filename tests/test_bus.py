@@ -204,6 +204,20 @@ async def test_records_are_stored_replaced_and_read_back(nats_server: EmbeddedNa
     assert info.config.max_age == 3600 and info.config.storage == StorageType.FILE
 
 
+async def test_a_bucket_lists_every_record_once_in_write_order(bus: Bus) -> None:
+    assert await bus.list_records(BUCKET, Done) == {}  # no bucket yet
+    await bus.put_record(BUCKET, "k1", Done(run_id="k1", value=1))
+    await bus.put_record(BUCKET, "k2", Done(run_id="k2", value=2))
+    await bus.put_record(BUCKET, "bad", Ask(run_id="no value"))  # not a Done: left out
+    await bus.put_record(BUCKET, "k1", Done(run_id="k1", value=3))  # rewritten: moves last
+    listed = await bus.list_records(BUCKET, Done)
+    assert listed == {"k2": Done(run_id="k2", value=2), "k1": Done(run_id="k1", value=3)}
+    assert list(listed) == ["k2", "k1"]
+    kv = await bus.js.key_value(BUCKET.name)
+    await kv.delete("k2")
+    assert list(await bus.list_records(BUCKET, Done)) == ["k1"]
+
+
 # --- publish and wait ---------------------------------------------------------------------------
 
 ASK, DONE, FAILED = "test.ask", "test.answer.done", "test.answer.failed"

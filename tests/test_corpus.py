@@ -256,3 +256,71 @@ def test_a_second_user_in_a_process_keeps_the_wal_alive_for_other_processes(
         assert out.get(timeout=60) == 100  # another process sees every commit
         reader.join()
         assert Path(f"{path}-wal").exists()  # the WAL it writes is the live one
+
+
+# --- arrival: when the collector stored a point's version -----------------------------------------
+
+
+def test_arrival_is_when_a_version_was_stored_not_the_points_own_time(corpus: Corpus) -> None:
+    upsert(corpus, pt(1, "User: a\nAssistant: b"))
+    first = corpus.snapshot()
+    # a point from long ago, stored now: it arrived after everything read before
+    old = pt(2, "User: c\nAssistant: d", created=datetime(2001, 1, 1, tzinfo=UTC))
+    upsert(corpus, old)
+    upsert(corpus, old)  # a redelivery arrives nothing
+    snap = corpus.snapshot()
+    assert first.until is not None and snap.arrived[2] > first.until >= snap.arrived[1]
+    assert snap.until == snap.arrived[2]
+    assert [p.point_id for p in snap.pairs] == [1, 2]
+    assert snap.versions[2] == "2001-01-01T00:00:00.000000+00:00"
+    # a newer version of point 1 arrives again, after point 2
+    upsert(corpus, pt(1, "User: a2\nAssistant: b2", updated=T0 + timedelta(hours=1)))
+    again = corpus.snapshot()
+    assert again.arrived[1] > again.arrived[2] == snap.arrived[2]
+    assert again.versions[1] > snap.versions[1]
+
+
+def test_arrivals_never_repeat_or_go_back(corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.corpus as module
+
+    frozen = datetime(2030, 1, 1, tzinfo=UTC)
+
+    class Stuck(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+            return frozen
+
+    monkeypatch.setattr(module, "datetime", Stuck)
+    for pid in range(1, 4):  # a clock that stands still: still strictly increasing
+        upsert(corpus, pt(pid, f"User: q{pid}\nAssistant: a{pid}"))
+    frozen = datetime(2029, 1, 1, tzinfo=UTC)  # set back a year
+    upsert(corpus, pt(4, "User: q4\nAssistant: a4"))
+    arrived = corpus.snapshot().arrived
+    assert arrived[1] < arrived[2] < arrived[3] < arrived[4]
+
+
+def test_an_older_corpus_gains_arrival_times(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE points (id INTEGER PRIMARY KEY, created_at TEXT, updated_at TEXT,
+            changed_at TEXT NOT NULL, version TEXT NOT NULL, body BLOB NOT NULL);
+        CREATE TABLE pairs (point_id INTEGER NOT NULL REFERENCES points (id) ON DELETE CASCADE,
+            turn INTEGER NOT NULL, prompt TEXT NOT NULL, completion TEXT NOT NULL,
+            kind TEXT NOT NULL, keywords TEXT NOT NULL, created_at TEXT,
+            PRIMARY KEY (point_id, turn));
+        INSERT INTO points VALUES (7, NULL, NULL, '2025-01-02T00:00:00.000000+00:00',
+            '2025-01-02T00:00:00.000000+00:00', '{"id":7,"content":"x"}');
+        INSERT INTO pairs VALUES (7, 0, 'q', 'a', 'dialogue', '[]', NULL);
+        """
+    )
+    conn.close()
+    with Corpus.open(path) as c:
+        snap = c.snapshot()
+        assert snap.arrived == {7: datetime(2025, 1, 2, tzinfo=UTC)}
+        assert [(p.point_id, p.prompt) for p in snap.pairs] == [(7, "q")]
+        upsert(c, pt(8, "User: new\nAssistant: point"))
+        assert c.snapshot().arrived[8] > snap.arrived[7]
+    with Corpus.open(path) as c:  # opening again migrates nothing twice
+        assert len(c.snapshot().arrived) == 2

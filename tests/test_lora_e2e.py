@@ -44,5 +44,13 @@ async def test_lora_run_once_local(tmp_path: Path, nats_server, capsys) -> None:
     # the new model really is a different model: some held-out answer changed
     assert any(c["base_answer"] != c["new_answer"] for c in report["cases"])
     registry = ws / "data" / "models" / "registry"
-    record = next(p for p in registry.glob("*.json") if "mindx" in p.name)
-    assert json.loads(record.read_text())["adapters"]
+    created = [p for p in registry.glob("*.json") if "mindx" in p.name]
+    if report["status"] == "success":
+        assert len(created) == 1 and json.loads(created[0].read_text())["adapters"]
+    else:  # a challenger that lost is deleted as soon as the gate decides
+        assert created == []
+    lineage = json.loads(
+        (ws / "data" / "training" / f"lineage_{report['run_id']}.json").read_text()
+    )
+    assert lineage["mode"] == "lora" and lineage["model"] == report["new_model"]
+    assert len(lineage["points"]) > 0  # the LoRA model holds its whole training split

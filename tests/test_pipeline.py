@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
 import pytest
 
 from services import pipeline
 from services.scoring import normalize_prompt
-from shared.messages import Pair, TrainingRequested, ValidationResult
+from shared.corpus import Snapshot
+from shared.messages import ModelLineage, Pair, PointVersion, TrainingRequested, ValidationResult
 from shared.settings import Settings, SettingsError
 from shared.subjects import RunNames
 
@@ -59,7 +63,7 @@ def test_a_request_with_an_impossible_value_is_refused(min_corpus: int) -> None:
 
 def test_too_few_pairs_skip_the_run_unless_forced() -> None:
     s = settings(min_corpus=50)
-    with pytest.raises(pipeline.RunSkipped, match="49 pairs since the last run"):
+    with pytest.raises(pipeline.RunSkipped, match="49 pairs arrived since the last promoted"):
         pipeline.check_collected(pairs(49), s, force=False)
     pipeline.check_collected(pairs(49), s, force=True)
     pipeline.check_collected(pairs(50), s, force=False)
@@ -98,6 +102,92 @@ def test_few_shot_messages_respect_the_budget_and_alternate() -> None:
     assert [m.role for m in msgs[:4]] == ["user", "assistant", "user", "assistant"]
     assert sum(len(m.content) for m in msgs) <= 1000
     assert len(msgs) // 2 < 50  # the budget, not the count, stopped it
+
+
+def test_examples_cover_the_topics_not_the_positions() -> None:
+    # 40 pairs on one topic, then one pair on each of three others; few-shot of 4
+    topics = ["weather"] * 40 + ["train", "hotel", "food"]
+    ps = [Pair(prompt=f"{t} q{i}", completion=f"a{i}", point_id=i) for i, t in enumerate(topics)]
+    axis = {"weather": 0, "train": 1, "hotel": 2, "food": 3}
+    rng = np.random.default_rng(0)
+    vectors = np.array([np.eye(4)[axis[t]] + 0.01 * rng.random(4) for t in topics])
+    picked = pipeline.few_shot_examples(ps, 4, max_chars=10_000, vectors=vectors)
+    assert sorted(p.prompt.split()[0] for p in picked) == ["food", "hotel", "train", "weather"]
+    # by position, three of the four would have been weather
+    spread = pipeline.few_shot_examples(ps, 4, max_chars=10_000)
+    assert [p.prompt.split()[0] for p in spread].count("weather") >= 3
+    # deterministic, and within the budget: what does not fit is passed over, not the end
+    assert pipeline.few_shot_examples(ps, 4, max_chars=10_000, vectors=vectors) == picked
+    long = [*ps[:-1], Pair(prompt="food q", completion="x" * 500, point_id=99)]
+    fit = pipeline.few_shot_examples(long, 4, max_chars=100, vectors=vectors)
+    assert len(fit) == 4 and 99 not in {p.point_id for p in fit}
+    assert {p.prompt.split()[0] for p in fit} == {"weather", "train", "hotel"}
+    assert sum(len(p.prompt) + len(p.completion) for p in fit) <= 100
+
+
+# --- incremental collection, cumulative training -----------------------------------------------
+
+T = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def snapshot(arrivals: dict[int, datetime]) -> Snapshot:
+    ps = [Pair(prompt=f"q{i}", completion=f"a{i}", point_id=i) for i in sorted(arrivals)]
+    return Snapshot(ps, dict(arrivals), {i: f"v{i}" for i in arrivals})
+
+
+def lineage(run: str, *, status: str = "promoted", until: datetime | None = None, **kw: object):
+    return ModelLineage(
+        run_id=run,
+        model=f"mindx-m:{run.replace('_', '-')}",
+        base_model="qwen3:0.6b",
+        mode="message",
+        status=status,  # type: ignore[arg-type]
+        collected_until=until,
+        promoted_at=(until + timedelta(minutes=1)) if status != "rejected" and until else None,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_new_is_what_arrived_after_the_corpus_of_the_last_promoted_model() -> None:
+    snap = snapshot({1: T, 2: T + timedelta(hours=1), 3: T + timedelta(hours=2)})
+    assert pipeline.arrival_cutoff([], None) is None  # nothing promoted: all is new
+    assert [p.point_id for p in pipeline.arrived_since(snap, None)] == [1, 2, 3]
+    models = [
+        lineage("20260101_000000", until=T),
+        lineage("20260101_010000", status="rejected", until=T + timedelta(hours=1)),
+    ]
+    cutoff = pipeline.arrival_cutoff(models, None)
+    assert cutoff == T  # a rejected run moved nothing
+    assert [p.point_id for p in pipeline.arrived_since(snap, cutoff)] == [2, 3]
+    # --since overrides it (a naive time is UTC)
+    since = pipeline.arrival_cutoff(models, datetime(2026, 1, 1, 1, 30))
+    assert [p.point_id for p in pipeline.arrived_since(snap, since)] == [3]
+
+
+def test_the_training_order_puts_the_latest_arrivals_first() -> None:
+    snap = snapshot({1: T + timedelta(hours=2), 2: T, 3: T + timedelta(hours=2), 4: T})
+    assert [p.point_id for p in pipeline.newest_first(snap)] == [1, 3, 2, 4]
+
+
+def test_held_out_cases_come_only_from_what_the_live_model_never_saw() -> None:
+    kept = pairs(100)
+    live = lineage("20260101_000000", until=T, points=[PointVersion(i, "v") for i in range(90)])
+    seen = pipeline.seen_prompts(kept, live)
+    assert len(seen) == 90
+    split = pipeline.split(kept, settings(held_out=20), exclude=seen)
+    assert {p.point_id for p in split.held_out} <= set(range(90, 100))
+    assert len(split.held_out) == 10  # all that is left to hold out
+    assert pipeline.seen_prompts(kept, None) == frozenset()
+    with pytest.raises(pipeline.RunSkipped, match="the live model never saw"):
+        pipeline.split(kept, settings(), exclude={normalize_prompt(p.prompt) for p in kept})
+
+
+def test_retention_keeps_the_newest_promoted_and_whatever_the_config_names() -> None:
+    models = [lineage(f"2026010{d}_000000", until=T + timedelta(days=d)) for d in range(1, 7)]
+    models.append(lineage("20260109_000000", status="rejected", until=T + timedelta(days=9)))
+    pruned = pipeline.to_prune(models, keep=3, in_use=[models[1].model])
+    assert [x.run_id for x in pruned] == ["20260103_000000", "20260101_000000"]
+    assert pipeline.to_prune(models, keep=10, in_use=[]) == []
 
 
 # --- validation cases -------------------------------------------------------------------------
@@ -175,6 +265,31 @@ def test_too_many_scoring_errors_fail_the_validation() -> None:
     assert verdict.cases[0].new_error == "boom" and verdict.cases[0].new_score is None
 
 
+def test_the_challenger_must_beat_the_live_model_and_be_no_worse_than_the_base() -> None:
+    held = pairs(20)
+    base = results("b", [0.40 + 0.01 * (i % 3) for i in range(20)])
+    live = results("i", [0.80 + 0.01 * (i % 3) for i in range(20)])
+    better_than_base = results("n", [0.60 + 0.01 * (i % 3) for i in range(20)])
+    verdict = pipeline.judge(held, base, better_than_base, settings(), incumbent=live)
+    assert not verdict.decision.improved and not verdict.decision.failed
+    assert "live model stays" in verdict.decision.reason
+    assert verdict.incumbent is not None and verdict.incumbent.mean_diff == pytest.approx(-0.2)
+    assert verdict.cases[0].incumbent_score == 0.80 and verdict.cases[0].incumbent_answer
+    # beats the live model, and the base
+    best = results("n", [0.90 + 0.01 * (i % 3) for i in range(20)])
+    verdict = pipeline.judge(held, base, best, settings(), incumbent=live)
+    assert verdict.decision.improved and "no worse than the base" in verdict.decision.reason
+    # beats a live model worse than the base, but is itself clearly below the base: kept out
+    weak_live = results("i", [0.10 + 0.01 * (i % 3) for i in range(20)])
+    below_base = results("n", [0.30 + 0.01 * (i % 3) for i in range(20)])
+    verdict = pipeline.judge(held, base, below_base, settings(), incumbent=weak_live)
+    assert not verdict.decision.improved and "worse than the base" in verdict.decision.reason
+    # errors on the live model's side count too
+    broken: list[float | None] = [None] * 6 + [0.8] * 14
+    verdict = pipeline.judge(held, base, best, settings(), incumbent=results("i", broken))
+    assert verdict.decision.failed and "live model errors 6" in verdict.decision.reason
+
+
 def test_the_validated_event_carries_the_decision() -> None:
     held = pairs(20)
     s = settings(model="qwen3:0.6b", mode="message")
@@ -213,3 +328,18 @@ def test_every_name_of_a_run_derives_from_its_id() -> None:
     assert n.lora_done_subject == "lora.done.20261126_120501"
     assert n.dataset_object == "20261126_120501/train_data.jsonl"
     assert len({n.finished_msg_id, n.validated_msg_id, n.lora_job_msg_id}) == 3
+
+
+def test_the_report_states_how_the_data_was_chosen() -> None:
+    def text(**kw: object) -> str:
+        args: dict = {"total": 900, "new": 60, "since": "the last promoted model", "examples": 27}
+        return pipeline.selection_text(settings(), **{**args, **kw})  # type: ignore[arg-type]
+
+    first = text(incumbent=None, excluded=None)
+    assert "whole curated corpus (900 pairs, 60 of them arrived since the last promoted" in first
+    assert "the newer pair is kept" in first and "27 baked examples chosen for coverage" in first
+    assert "outside the training split" in first
+    ours = text(incumbent="mindx-m:1", excluded=40)
+    assert "the live model mindx-m:1 never saw (40 prompts left out)" in ours
+    foreign = text(incumbent="tuned:latest", excluded=None)
+    assert "tuned:latest has no lineage here" in foreign

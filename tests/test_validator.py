@@ -141,6 +141,13 @@ def test_a_case_of_a_running_run_with_its_options_is_served() -> None:
     assert refusal(case_with(options=limits), record(), None) is None
 
 
+def test_the_live_model_of_a_run_is_served_only_when_its_record_names_it() -> None:
+    live = "mindx-qwen3-0.6b:20260101-000000"
+    named = msgspec.structs.replace(record(), incumbent_model=live)
+    assert refusal(case_with(model=live), named, None) is None
+    assert "not a model of run" in (refusal(case_with(model=live), record(), None) or "")
+
+
 @pytest.mark.parametrize(
     ("case", "rec", "reason"),
     [
