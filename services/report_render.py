@@ -76,6 +76,8 @@ def summary_text(report: RunReport, html_path: Path | str | None = None) -> str:
     lines = [f"{head}: {report.status} — {badge}"]
     if report.base_model or report.new_model:
         lines.append(f"  model   {report.base_model or '—'} → {report.new_model or '—'}")
+    if report.model_choice:
+        lines.append(f"  models  {report.model_choice}")
     if report.error:
         lines.append(f"  error   {report.error}")
     if report.decision_reason:
@@ -591,6 +593,8 @@ def _meta_html(report: RunReport) -> str:
         ("mode / backend", f"{report.mode} / {report.backend or '—'}"),
         ("base model", report.base_model),
         ("new model", report.new_model),
+        ("embeddings", report.embed_model),
+        ("model choice", report.model_choice),
         ("started", when(report.start_time)),
         ("ended", f"{when(report.end_time)} ({duration})"),
         (
