@@ -70,9 +70,9 @@ def main() -> None:
             f"{r['status']} ({r['_wall_s']:.0f} s)"
         )
     for label, r in rows:
-        embed = r.get("embed_model") or "?"
-        why = f" ({r['model_choice']})" if r.get("model_choice") else ""
-        print(f"{label}: chat {r.get('base_model') or '?'}, embeddings {embed}{why}")
+        models = r.get("model_choice") or f"embeddings {r.get('embed_model') or '?'}"
+        near = sum(s["dropped"].get("duplicate:near", 0) for s in r.get("funnel", []))
+        print(f"{label}: chat {r.get('base_model') or '?'}; {models}; {near} near-duplicates")
 
 
 def name(dataset: Path) -> str:
