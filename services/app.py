@@ -16,7 +16,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services import pipeline
 from shared import bundled, subjects
 from shared.backend import Backend
 from shared.bus import Expect
@@ -32,6 +31,7 @@ from shared.messages import (
 from shared.settings import Settings
 
 if TYPE_CHECKING:
+    from services.pipeline import ModelChoice
     from shared.bus import Bus
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,11 @@ ROLLBACK_WAIT_S = 30
 LANGUAGE_SAMPLE = 2000  # memory points looked at to tell the memory's language
 
 
-def choose_models(settings: Settings) -> pipeline.ModelChoice:
+def choose_models(settings: Settings) -> ModelChoice:
     """The default models for this workspace's memory (`pipeline.local_models`): the points in
     the corpus and those waiting in the memory directory, decided once per process."""
+    from services import pipeline  # numpy: not for `mindx --help`
+
     chinese = None
     if settings.backend == "local" and not settings.embed_model:
         from services.filter import chinese_share
