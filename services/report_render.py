@@ -86,6 +86,8 @@ def summary_text(report: RunReport, html_path: Path | str | None = None) -> str:
     lines = [f"{head}: {report.status} — {badge}"]
     if report.base_model or report.new_model:
         lines.append(f"  model   {report.base_model or '—'} → {report.new_model or '—'}")
+    if report.model_choice:
+        lines.append(f"  models  {report.model_choice}")
     if report.error:
         lines.append(f"  error   {report.error}")
     if report.decision_reason:
@@ -640,6 +642,8 @@ def _meta_html(report: RunReport) -> str:
         ("base model", report.base_model),
         ("new model", report.new_model),
         ("live model", report.incumbent_model or ""),
+        ("embeddings", report.embed_model),
+        ("model choice", report.model_choice),
         ("started", when(report.start_time)),
         ("ended", f"{when(report.end_time)} ({duration})"),
         (

