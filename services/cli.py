@@ -131,6 +131,18 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     lg.add_argument("--export", choices=["auto", "adapter", "merged"])
 
 
+def _switch_flags(p: argparse.ArgumentParser) -> None:
+    """Where a config updater runs: what it may do to a missing config."""
+    p.add_argument(
+        "--init-config",
+        dest="init_config",
+        action="store_true",
+        default=None,
+        help="create the config if it does not exist (default: refuse: a missing config is "
+        "usually a typo) [MINDX_INIT_CONFIG]",
+    )
+
+
 def _app_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation: call the models the way the app does")
     g.add_argument(
@@ -154,12 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (a service, or one run with --run-once)")
     _common(p)
     _train_flags(p)
+    _switch_flags(p)
     _app_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="serve components: collector trainer validator ... | all")
     _common(p)
     p.add_argument("components", nargs="+")
+    _switch_flags(p)
     _app_flags(p)
     p.set_defaults(func=cmd_serve)
 
