@@ -31,6 +31,7 @@ from shared.messages import (
 from shared.settings import Settings
 
 if TYPE_CHECKING:
+    from services.preflight import Check, Needs, PullProgress
     from shared.bus import Bus
     from shared.nats_auth import AuthDir, Role
 
@@ -224,17 +225,42 @@ async def connect(settings: Settings, role: Role = "service") -> AsyncIterator[B
         yield bus
 
 
-async def check_backend(res: Resources) -> None:
-    backend = await res.backend()
-    try:
-        await backend.version()
-    except Exception as exc:
-        s = res.settings
-        where = s.ollama if s.backend == "ollama" else "local runtime"
-        raise UserFacingError(
-            f"cannot reach the {s.backend} backend at {where}: {exc} "
-            "(start Ollama, or use --backend local)"
-        ) from exc
+@dataclass(frozen=True)
+class Checks:
+    """How a command runs its preflight (services.preflight): pull a missing model or refuse,
+    and where pull progress and warnings go."""
+
+    pull: bool = True
+    on_pull: PullProgress | None = None
+    on_warning: Callable[[Check], None] | None = None
+
+
+async def preflight(res: Resources, needs: Needs, checks: Checks | None) -> None:
+    """The checks `needs` asks for; PreflightError (a line per failure) before any work."""
+    from services.preflight import require
+
+    c = checks or Checks()
+    backend = await res.backend() if needs.backend else None
+    await require(
+        res.settings, backend, needs, pull=c.pull, on_pull=c.on_pull, on_warning=c.on_warning
+    )
+
+
+async def doctor(
+    settings: Settings, *, pull: bool = False, on_pull: PullProgress | None = None
+) -> list[Check]:
+    """Every preflight check alone (`mindx doctor`); a missing model is pulled only with `pull`."""
+    from services.preflight import ALL, run_checks
+
+    async with resources(settings) as res:
+        return await run_checks(
+            settings,
+            await res.backend(),
+            ALL,
+            pull=pull,
+            on_pull=on_pull,
+            pull_hint="or `mindx doctor --pull`",
+        )
 
 
 @dataclass(frozen=True)
@@ -291,10 +317,15 @@ async def serve_until(
     stopped: asyncio.Event,
     *,
     ready: Callable[[str], None],
+    checks: Checks | None = None,
 ) -> None:
-    """Serve the named components (or `all`) until `stopped` is set."""
+    """Serve the named components (or `all`) until `stopped` is set, once their preflight
+    checks pass."""
+    from services.preflight import needs_of
+
     names = list(ALL) if list(names) == ["all"] else list(names)
     async with connect(settings) as bus, resources(settings) as res:
+        await preflight(res, needs_of(names), checks)
         services = await start(bus, res, names)
         ready(f"serving {', '.join(names)} on {bus.url}")
         try:
@@ -310,22 +341,33 @@ async def train_once(
     since: datetime | None = None,
     on_import: Callable[[Imported], None] | None = None,
     on_progress: Callable[[TrainingProgress], Awaitable[None]] | None = None,
+    checks: Checks | None = None,
 ) -> TrainingFinished:
     """One run through the bus, with every component in this process: import the memory dir,
     request a run, and return its `training.completed` / `training.failed`."""
     from services.memory_adapter import memory_files
+    from services.preflight import (
+        RUN_ONCE,
+        Check,
+        PreflightError,
+        corpus_points,
+        nothing_to_train_on,
+    )
 
     async with connect(settings) as bus, resources(settings) as res:
-        await check_backend(res)
+        await preflight(res, RUN_ONCE, checks)
         names = [*ALL, *(["lora-worker"] if settings.mode == "lora" else [])]
         services = await start(bus, res, names)
         try:
             files = memory_files(settings.memory_path)
             if files:
                 imported = await publish_memory(bus, files)
-                await bus.wait_idle(subjects.COLLECTOR, timeout=IMPORT_WAIT_S)
                 if on_import is not None:
                     on_import(imported)
+            # what the memory dir and the bus held is in the corpus now
+            await bus.wait_idle(subjects.COLLECTOR, timeout=IMPORT_WAIT_S)
+            if not corpus_points(settings):
+                raise PreflightError([Check("memory", "fail", nothing_to_train_on(settings))])
             progress = None
             if on_progress is not None:
                 progress = await bus.subscribe(

@@ -26,14 +26,13 @@ from typing import Any
 
 import msgspec
 
-from services import app
+from services import app, cli_operator
 from services.app import UserFacingError
+from services.cli_render import EXIT_ERROR, EXIT_OK, EXIT_RUN_FAILED, ProgressBars, PullBars, warn
 from shared.messages import RunReport, TrainingProgress
 from shared.settings import Settings
 
 log = logging.getLogger("mindx")
-
-EXIT_OK, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2
 
 
 # --- argument parsing ---------------------------------------------------------------------------
@@ -132,7 +131,14 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _switch_flags(p: argparse.ArgumentParser) -> None:
-    """Where a config updater runs: what it may do to a missing config."""
+    """Where a config updater or a trainer runs: a missing config, a missing model."""
+    p.add_argument(
+        "--no-pull",
+        dest="no_pull",
+        action="store_true",
+        help="refuse to start when the base or embedding model is missing (default: pull it, "
+        "with progress, as `ollama run` does)",
+    )
     p.add_argument(
         "--init-config",
         dest="init_config",
@@ -207,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_dlq_list)
 
+    cli_operator.add_commands(sub, dsub, _common)
+
     p = sub.add_parser("init", help="declare every stream on the bus, before any service runs")
     _common(p)
     p.set_defaults(func=cmd_init)
@@ -246,6 +254,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         StaleConnectionError,
     )
 
+    from services.preflight import PreflightError
     from shared.backend import BackendError
     from shared.bus import BusError
     from shared.nats_server import NatsServerError
@@ -253,6 +262,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     return (
         UserFacingError,
+        PreflightError,
         SettingsError,
         BackendError,
         BusError,
@@ -273,7 +283,8 @@ def report_error(command: str, exc: BaseException, *, debug: bool) -> int:
     if isinstance(exc, expected_errors()):
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
-        print(f"mindx {command}: {message}", file=sys.stderr)
+        for line in message.splitlines():  # several problems: one line each
+            print(f"mindx {command}: {line}", file=sys.stderr)
         return EXIT_ERROR
     hint = f"mindx {command}: unexpected {type(exc).__name__}: {message} (a bug; traceback follows)"
     print(hint, file=sys.stderr)
@@ -288,7 +299,7 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from services.report_render import summary_text
 
     if not args.run_once:
-        return await _serve(settings, ["trainer"])
+        return await _serve(settings, ["trainer"], args)
 
     def imported(result: app.Imported) -> None:
         for e in result.errors:
@@ -304,11 +315,18 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         bars.update(ev)
 
     since = datetime.fromisoformat(args.since) if args.since else None
+    pulls = PullBars()  # on stderr, with --json too: a pull can take minutes
     try:
         finished = await app.train_once(
-            settings, force=bool(args.force), since=since, on_import=imported, on_progress=progress
+            settings,
+            force=bool(args.force),
+            since=since,
+            on_import=imported,
+            on_progress=progress,
+            checks=_checks(args, pulls),
         )
     finally:
+        pulls.close()
         bars.close()
     report = msgspec.convert(finished.report, RunReport)
     if args.json:
@@ -319,18 +337,36 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_RUN_FAILED if report.status in ("failed", "success_config_failed") else EXIT_OK
 
 
-async def _serve(settings: Settings, names: list[str]) -> int:
+def _checks(args: argparse.Namespace, pulls: PullBars) -> app.Checks:
+    """The preflight of train and serve: pull (with progress) unless --no-pull; warnings shown."""
+    command = command_name(args)
+    return app.Checks(
+        pull=not args.no_pull, on_pull=pulls.update, on_warning=lambda c: warn(command, c)
+    )
+
+
+async def _serve(settings: Settings, names: list[str], args: argparse.Namespace) -> int:
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stopped.set)
-    await app.serve_until(settings, names, stopped, ready=lambda line: print(line, file=sys.stderr))
+    pulls = PullBars()
+    try:
+        await app.serve_until(
+            settings,
+            names,
+            stopped,
+            ready=lambda line: print(line, file=sys.stderr),
+            checks=_checks(args, pulls),
+        )
+    finally:
+        pulls.close()
     return EXIT_OK
 
 
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    return await _serve(settings, args.components)
+    return await _serve(settings, args.components, args)
 
 
 async def cmd_memory_import(settings: Settings, args: argparse.Namespace) -> int:
@@ -434,47 +470,6 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(summary_text(report, path.with_suffix(".html")))
     return EXIT_OK
-
-
-# --- progress -----------------------------------------------------------------------------------
-
-
-class ProgressBars:
-    """One bar per stage in a terminal; plain lines otherwise."""
-
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self._bar: Any = None
-        self._stage = ""
-
-    def update(self, ev: Any) -> None:
-        if not self.enabled:
-            return
-        if ev.stage != self._stage:
-            self.close()
-            self._stage = ev.stage
-            if self.tty and ev.total:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=ev.total, desc=ev.stage, unit="step", leave=True)
-            else:
-                print(f"[{ev.stage}] {ev.message}", file=sys.stderr)
-        if self._bar is not None:
-            self._bar.n = ev.done
-            post = {}
-            if ev.loss is not None:
-                post["loss"] = f"{ev.loss:.3f}"
-            if ev.tokens_per_s:
-                post["tok/s"] = f"{ev.tokens_per_s:.0f}"
-            if post:
-                self._bar.set_postfix(post)
-            self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
 
 # --- entry point --------------------------------------------------------------------------------
