@@ -148,10 +148,14 @@ async def start(bus: Any, res: Resources, names: Sequence[str]) -> list[Any]:
         raise ValueError(
             f"unknown component(s) {sorted(unknown)}; choose from {', '.join(COMPONENTS)} or all"
         )
+    from services import status
+
     started: list[Any] = []
     for name in names:
         started.extend(await COMPONENTS[name](bus, res))
         log.info("serving %s", name)
+    # every process answers `mindx status`
+    started += await status.serve(bus, names, stale_after_s=res.settings.run_deadline_s)
     res.services.extend(started)
     return started
 

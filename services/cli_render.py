@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from services.preflight import Check
@@ -97,3 +98,82 @@ def checks_text(checks: Sequence[Check]) -> str:
     """`mindx doctor`: a line per check, its level, its name and what to do."""
     width = max((len(c.name) for c in checks), default=0)
     return "\n".join(f"{_LEVEL[c.level]:<4}  {c.name:<{width}}  {c.message}" for c in checks)
+
+
+def duration(seconds: float) -> str:
+    """`3h02m`, `4m05s`, `12s`."""
+    s = int(max(0.0, seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def progress_text(p: dict[str, Any]) -> str:
+    """A run in progress in one line: stage, steps, loss, ETA."""
+    parts = [p["run_id"], p["stage"]]
+    if p.get("total"):
+        parts.append(f"{p['done']}/{p['total']} ({100 * p['done'] // max(1, p['total'])}%)")
+    if p.get("loss") is not None:
+        parts.append(f"loss {p['loss']:.3f}")
+    if p.get("eta_s") is not None:
+        parts.append(f"ETA {duration(p['eta_s'])}")
+    if p.get("message"):
+        parts.append(p["message"])
+    return "  ".join(parts)
+
+
+def _run_text(r: dict[str, Any]) -> str:
+    line = f"{r['run_id']}  {r['status']}  {r['mode']}"
+    if r.get("new_model"):
+        line += f"  {r['new_model']}"
+    if r.get("score_diff") is not None:
+        line += f"  ({r['score_diff']:+.3f} vs {r['base_model']})"
+    if r.get("error"):
+        line += f"  {r['error'][:120]}"
+    return line
+
+
+def status_text(st: dict[str, Any], now: datetime | None = None) -> str:
+    """`mindx status`: one block per topic, the label in the first column."""
+    rows: list[tuple[str, str]] = [("bus", st["bus"])]
+    services = st["services"]
+    if not services:
+        rows.append(("services", "none answered (start them with `mindx serve all`)"))
+    for i, p in enumerate(services):
+        up = ""
+        if now is not None:
+            up = f"  up {duration((now - datetime.fromisoformat(p['started_at'])).total_seconds())}"
+        text = f"{p['id']}  {', '.join(p['components'])}  (v{p['version']}{up})"
+        rows.append(("services" if i == 0 else "", text))
+    left = st["left_model"] or "none"
+    config = f"{left}  in {st['config']}"
+    if st["config_error"]:
+        config = f"unknown: {st['config_error']}"
+    rows.append(("left model", config))
+    if not st["running"]:
+        rows.append(("running", "no run in progress"))
+    for i, p in enumerate(st["running"]):
+        rows.append(("running" if i == 0 else "", progress_text(p)))
+    if not st["runs"]:
+        rows.append(("last runs", f"none in {st['training_dir']}"))
+    for i, r in enumerate(st["runs"]):
+        rows.append(("last runs" if i == 0 else "", _run_text(r)))
+    c = st["corpus"]
+    rows.append(
+        (
+            "corpus",
+            "empty (no corpus yet)"
+            if c is None
+            else f"{c['points']} points, {c['pairs']} pairs ({c['pairs_since_watermark']} since "
+            f"the last run), {c['points_without_pairs']} points without pairs, "
+            f"{c['withheld']} withheld as sensitive",
+        )
+    )
+    dead = st["dead_letters"]
+    total = sum(dead.values())
+    by = ", ".join(f"{s} {n}" for s, n in dead.items())
+    rows.append(("dead letters", f"{total} ({by}); see `mindx dlq list`" if total else "none"))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
