@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BUS_LOG = "mindx.bus"  # the logger that says which bus a command uses (`-v` shows it)
 IMPORT_WAIT_S = 600  # until the collector has stored every imported point
 ROLLBACK_WAIT_S = 30
 
@@ -207,9 +208,11 @@ async def endpoint(settings: Settings) -> AsyncIterator[Endpoint]:
     """The configured NATS, else an embedded server for the data dir, which requires auth:
     its keys (one per role, see shared.nats_auth) are made once under `<data-dir>/auth`."""
     from shared.nats_auth import ensure_auth_dir
+    from shared.nats_client import redact_url
     from shared.nats_server import ensure_nats
 
     if settings.nats:
+        logging.getLogger(BUS_LOG).info("bus %s (--nats or NATS_URL)", redact_url(settings.nats))
         yield Endpoint(settings.nats, settings, None)
         return
     if settings.nats_auth().any:
@@ -219,6 +222,7 @@ async def endpoint(settings: Settings) -> AsyncIterator[Endpoint]:
         )
     keys = ensure_auth_dir(settings.data_path / "auth")
     async with ensure_nats(None, settings.data_path / "nats", config=keys.config) as url:
+        logging.getLogger(BUS_LOG).info("bus %s (embedded, of %s)", url, settings.data_path)
         yield Endpoint(url, settings, keys)
 
 

@@ -22,15 +22,16 @@ import traceback
 from collections.abc import Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
 from services import app, cli_operator
 from services.app import UserFacingError
 from services.cli_render import EXIT_ERROR, EXIT_OK, EXIT_RUN_FAILED, ProgressBars, PullBars, warn
+from services.status import mindx_version
 from shared.messages import RunReport, TrainingProgress
-from shared.settings import Settings
+from shared.settings import DEFAULT_LOCAL_EMBED_MODEL, DEFAULT_OLLAMA_EMBED_MODEL, Settings
 
 log = logging.getLogger("mindx")
 
@@ -44,19 +45,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", dest="data_dir", help="data directory (default: data)")
     g.add_argument("--config", help="app model config (default: config/models.json)")
     g.add_argument("--training-dir", dest="training_dir", help="run files (default: training)")
-    g.add_argument("--watermark", help="last-train-time file")
+    g.add_argument("--watermark", help="last-train-time file (relative: to --workspace)")
     g.add_argument(
         "--nats", help="NATS URL, user:password@ allowed (default: NATS_URL, else embedded)"
     )
     _nats_flags(p)
     g.add_argument("--backend", choices=["ollama", "local"], help="model backend")
     g.add_argument("--ollama", help="Ollama URL (default: OLLAMA_HOST or 127.0.0.1:11434)")
-    g.add_argument("--embed-model", dest="embed_model", help="embedding model")
+    g.add_argument(
+        "--embed-model",
+        dest="embed_model",
+        help=f"embedding model (default: {DEFAULT_OLLAMA_EMBED_MODEL}; "
+        f"{DEFAULT_LOCAL_EMBED_MODEL} with --backend local)",
+    )
     g.add_argument(
         "--log-level", dest="log_level", help="DEBUG, INFO, WARNING (default), ERROR, CRITICAL"
     )
     g.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also MINDX_DEBUG=1)"
+    )
+    g.add_argument(
+        "-v", "--verbose", action="store_true", help="say which NATS server the command uses"
     )
     lim = p.add_argument_group("limits")
     lim.add_argument(
@@ -109,8 +118,15 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="take pairs newer than this RFC3339 time (overrides watermark)")
     p.add_argument("--force", action="store_true", help="run even below the corpus minimums")
     p.add_argument("--held-out", dest="held_out", type=int, help="validation cases (default: 20)")
-    p.add_argument("--min-effect", dest="min_effect", type=float, help="minimum CI lower bound")
-    p.add_argument("--max-examples", dest="max_examples", type=int, help="few-shot examples (50)")
+    p.add_argument(
+        "--min-effect",
+        dest="min_effect",
+        type=float,
+        help="promote only when the 95%% CI's lower bound of the gain is above this",
+    )
+    p.add_argument(
+        "--max-examples", dest="max_examples", type=int, help="few-shot examples (message mode)"
+    )
     p.add_argument(
         "--validation-concurrency",
         dest="validation_concurrency",
@@ -119,15 +135,31 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     lg = p.add_argument_group("lora")
-    lg.add_argument("--epochs", type=int)
-    lg.add_argument("--batch-size", dest="batch_size", type=int)
-    lg.add_argument("--learning-rate", dest="learning_rate", type=float)
-    lg.add_argument("--max-length", dest="max_length", type=int)
-    lg.add_argument("--lora-rank", dest="lora_rank", type=int)
-    lg.add_argument("--lora-alpha", dest="lora_alpha", type=int)
-    lg.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds")
-    lg.add_argument("--base-weights", dest="base_weights", help="GGUF path, HF dir or HF id")
-    lg.add_argument("--export", choices=["auto", "adapter", "merged"])
+    lg.add_argument("--epochs", type=int, help="passes over the dataset")
+    lg.add_argument("--batch-size", dest="batch_size", type=int, help="examples per step")
+    lg.add_argument("--learning-rate", dest="learning_rate", type=float, help="AdamW's")
+    lg.add_argument(
+        "--max-length", dest="max_length", type=int, help="tokens per example (longer: cut)"
+    )
+    lg.add_argument("--lora-rank", dest="lora_rank", type=int, help="the adapter's rank")
+    lg.add_argument("--lora-alpha", dest="lora_alpha", type=int, help="the adapter's alpha")
+    lg.add_argument(
+        "--time-budget",
+        dest="time_budget_s",
+        type=float,
+        metavar="S",
+        help="seconds of training at most (none: until the epochs are done)",
+    )
+    lg.add_argument(
+        "--base-weights",
+        dest="base_weights",
+        help="GGUF path, HF dir or HF id (none: the weights the backend serves)",
+    )
+    lg.add_argument(
+        "--export",
+        choices=["auto", "adapter", "merged"],
+        help="the GGUF to build the model from (auto: the adapter, else the merged model)",
+    )
 
 
 def _switch_flags(p: argparse.ArgumentParser) -> None:
@@ -163,10 +195,19 @@ def _app_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistyped command line is an expected error too: one line, exit 2 (argparse's own
+    would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mindx", description="Personalize the local left-brain model from memory."
     )
+    parser.add_argument("--version", action="version", version=f"mindx {mindx_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (a service, or one run with --run-once)")
@@ -176,9 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     _app_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("serve", help="serve components: collector trainer validator ... | all")
+    width = max(len(name) for name in COMPONENT_HELP)
+    p = sub.add_parser(
+        "serve",
+        help="serve components: collector trainer validator ... | all",
+        epilog="components:\n"
+        + "\n".join(f"  {name:<{width}}  {what}" for name, what in COMPONENT_HELP.items())
+        + f"\n  {'all':<{width}}  {' '.join(app.ALL)}",
+    )
     _common(p)
-    p.add_argument("components", nargs="+")
+    p.add_argument(
+        "components",
+        nargs="+",
+        choices=[*app.COMPONENTS, "all"],
+        metavar="COMPONENT",
+        help="one or more of the components below, or all",
+    )
     _switch_flags(p)
     _app_flags(p)
     p.set_defaults(func=cmd_serve)
@@ -187,30 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="memory_command", required=True)
     q = msub.add_parser("import", help="publish memory points from .jsonl / .json files")
     _common(q)
-    q.add_argument("files", nargs="+", type=Path)
+    q.add_argument("files", nargs="+", type=Path, help="Memory's exports: .jsonl or .json")
     q.set_defaults(func=cmd_memory_import)
 
     p = sub.add_parser("corpus", help="the collected corpus")
     csub = p.add_subparsers(dest="corpus_command", required=True)
     q = csub.add_parser("stats", help="points, pairs and pairs since the watermark")
     _common(q)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the counts as JSON")
     q.set_defaults(func=cmd_corpus_stats)
 
     p = sub.add_parser("rollback", help="restore a config backup and announce model.updated")
     _common(p)
     p.add_argument("--to", dest="to", help="backup file name (default: the newest)")
+    p.add_argument("--json", action="store_true", help="print the model.updated event as JSON")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("backups", help="list config backups, newest first")
     _common(p)
+    p.add_argument("--json", action="store_true", help="print the backups as JSON")
     p.set_defaults(func=cmd_backups)
 
     p = sub.add_parser("dlq", help="dead-lettered messages")
     dsub = p.add_subparsers(dest="dlq_command", required=True)
     q = dsub.add_parser("list", help="list dead letters")
     _common(q)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print them as JSON")
     q.set_defaults(func=cmd_dlq_list)
 
     cli_operator.add_commands(sub, dsub, _common)
@@ -235,10 +291,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="summary of a run report (default: the latest)")
     _common(p)
-    p.add_argument("run_id", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("run_id", nargs="?", help="the run (default: the latest)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_report)
+    _show_defaults(parser)
     return parser
+
+
+COMPONENT_HELP = {
+    "collector": "stores memory points in the corpus",
+    "trainer": "runs the training requests",
+    "validator": "answers validation cases (any number, anywhere)",
+    "config-updater": "switches the app's config to a validated model, and rolls back",
+    "lora-worker": "trains LoRA jobs (on a GPU machine; not part of all)",
+}
+
+
+class _Defaults(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default: the one the help names, else the parser's,
+    else the Settings default the flag sets (a switch is off unless given)."""
+
+    _settings = Settings()
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:  # a switch
+            return f"{text} (default: off)"
+        value = action.default
+        if value is None:
+            value = getattr(self._settings, action.dest, None)
+        shown = "none" if value is None else value
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Use _Defaults in `parser` and every subcommand's parser."""
+    parser.formatter_class = _Defaults
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+
+
+def backup_entry(path: Path, key_path: str) -> dict[str, Any]:
+    """A backup for `backups --json`: its path, name and the left model it holds."""
+    from services.model_config import ConfigError, left_model, read_config
+
+    try:
+        left = left_model(read_config(path), key_path)
+    except (OSError, ConfigError):
+        left = None
+    return {"path": str(path), "name": path.name, "left_model": left}
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -398,6 +503,9 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     outcome = await app.rollback(settings, args.to)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(outcome), ensure_ascii=False, indent=2))
+        return EXIT_OK
     print(
         f"left brain in {outcome.config_path}: {outcome.previous_model} -> {outcome.model} "
         f"(restored {outcome.restored_from}; the replaced config is saved as {outcome.backup_path})"
@@ -409,6 +517,9 @@ async def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
     from services.model_config import list_backups
 
     backups = list_backups(settings.config_path)
+    if args.json:
+        print(json.dumps([backup_entry(b, settings.left_key) for b in backups], indent=2))
+        return EXIT_OK
     if not backups:
         print(f"no backups of {settings.config_path}")
     for b in backups:
@@ -518,6 +629,27 @@ def log_level(level: str) -> Iterator[None]:
             root.removeHandler(handler)
 
 
+@contextlib.contextmanager
+def bus_lines(command: str, verbose: bool) -> Iterator[None]:
+    """With -v: which NATS server the command uses, one line `mindx <command>: bus ...`."""
+    if not verbose:
+        yield
+        return
+    logger = logging.getLogger(app.BUS_LOG)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"mindx {command}: %(message)s"))
+    before = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+
 _OFF = ("", "0", "false", "no", "off")  # MINDX_DEBUG values that leave debugging off
 
 
@@ -531,10 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = command_name(args)
     debug = bool(args.debug) or os.environ.get("MINDX_DEBUG", "").lower() not in _OFF
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
+    skip = ("func", "command", "debug", "verbose")
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         settings = Settings.load(flags)
-        with log_level(settings.log_level):
+        with log_level(settings.log_level), bus_lines(command, getattr(args, "verbose", False)):
             log.debug("%s with %s", command, settings)
             return asyncio.run(_cancellable(args.func(settings, args)))
     except KeyboardInterrupt:
