@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("dir", type=Path, help="a new or empty directory (made 0700)")
     q.add_argument(
+        "--keep-existing",
+        action="store_true",
+        help="when DIR already holds keys, keep them and succeed (default: refuse; "
+        "keys are never replaced)",
+    )
+    q.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also MINDX_DEBUG=1)"
     )
     q.set_defaults(func=cmd_auth_init)
@@ -557,9 +563,12 @@ async def cmd_schema(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_auth_init(settings: Settings, args: argparse.Namespace) -> int:
-    from shared.nats_auth import ROLE_PURPOSE, init_auth_dir
+    from shared.nats_auth import ROLE_PURPOSE, AuthDir, ensure_auth_dir, init_auth_dir
 
-    auth = init_auth_dir(args.dir)
+    if args.keep_existing and AuthDir(args.dir).exists():
+        print(f"keeping the keys in {args.dir}")
+        return EXIT_OK
+    auth = ensure_auth_dir(args.dir) if args.keep_existing else init_auth_dir(args.dir)
     print(f"wrote {auth.config}")
     for role in auth.roles:
         print(f"  {auth.seed_file(role)}  {role}: {ROLE_PURPOSE[role]}")
