@@ -70,7 +70,9 @@ def needs_of(components: Sequence[str]) -> Needs:
     return Needs(
         config="config-updater" in names,
         memory="trainer" in names,
-        backend=bool(names & {"trainer", "validator", "config-updater"}),
+        # a config updater asks the backend only whether a validated model exists, and rolls
+        # back without it: it starts without one
+        backend=bool(names & {"trainer", "validator"}),
         base_model="trainer" in names,
         embed_model=bool(names & {"trainer", "validator"}),
     )

@@ -76,7 +76,7 @@ def test_each_component_is_checked_for_what_it_uses() -> None:
     assert needs_of(["collector"]) == Needs()
     assert needs_of(["lora-worker"]) == Needs()
     assert needs_of(["validator"]) == Needs(backend=True, embed_model=True)
-    assert needs_of(["config-updater"]) == Needs(config=True, backend=True)
+    assert needs_of(["config-updater"]) == Needs(config=True)  # rollbacks need no backend
     assert needs_of(["collector", "trainer", "validator", "config-updater"]) == ALL
 
 
