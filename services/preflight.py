@@ -247,9 +247,10 @@ async def require(
     checks = await run_checks(settings, backend, needs, pull=pull, on_pull=on_pull)
     for check in checks:
         if check.level == "warn":
-            log.warning("%s", check.message)
             if on_warning is not None:
                 on_warning(check)
+            else:
+                log.warning("%s", check.message)
     failed = [c for c in checks if c.level == "fail"]
     if failed:
         raise PreflightError(failed)
