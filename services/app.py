@@ -368,12 +368,11 @@ async def train_once(
         services = await start(bus, res, names)
         try:
             files = memory_files(settings.memory_path)
-            if files:
-                imported = await publish_memory(bus, files)
-                if on_import is not None:
-                    on_import(imported)
+            imported = await publish_memory(bus, files) if files else None
             # what the memory dir and the bus held is in the corpus now
             await bus.wait_idle(subjects.COLLECTOR, timeout=IMPORT_WAIT_S)
+            if imported is not None and on_import is not None:
+                on_import(imported)
             if not corpus_points(settings):
                 raise PreflightError([Check("memory", "fail", nothing_to_train_on(settings))])
             progress = None

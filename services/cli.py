@@ -26,9 +26,18 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from services import app, cli_operator
+from services import app, cli_operator, operator
 from services.app import UserFacingError
-from services.cli_render import EXIT_ERROR, EXIT_OK, EXIT_RUN_FAILED, ProgressBars, PullBars, warn
+from services.cli_render import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    ProgressBars,
+    PullBars,
+    bus_lines,
+    show_defaults,
+    warn,
+)
 from services.status import mindx_version
 from shared.messages import RunReport, TrainingProgress
 from shared.settings import DEFAULT_LOCAL_EMBED_MODEL, DEFAULT_OLLAMA_EMBED_MODEL, Settings
@@ -300,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", nargs="?", help="the run (default: the latest)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_report)
-    _show_defaults(parser)
+    show_defaults(parser)
     return parser
 
 
@@ -311,45 +320,6 @@ COMPONENT_HELP = {
     "config-updater": "switches the app's config to a validated model, and rolls back",
     "lora-worker": "trains LoRA jobs (on a GPU machine; not part of all)",
 }
-
-
-class _Defaults(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default: the one the help names, else the parser's,
-    else the Settings default the flag sets (a switch is off unless given)."""
-
-    _settings = Settings()
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if not action.option_strings or "default" in text or action.default is argparse.SUPPRESS:
-            return text
-        if action.nargs == 0:  # a switch
-            return f"{text} (default: off)"
-        value = action.default
-        if value is None:
-            value = getattr(self._settings, action.dest, None)
-        shown = "none" if value is None else value
-        return f"{text} (default: {str(shown).replace('%', '%%')})"
-
-
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Use _Defaults in `parser` and every subcommand's parser."""
-    parser.formatter_class = _Defaults
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                _show_defaults(child)
-
-
-def backup_entry(path: Path, key_path: str) -> dict[str, Any]:
-    """A backup for `backups --json`: its path, name and the left model it holds."""
-    from services.model_config import ConfigError, left_model, read_config
-
-    try:
-        left = left_model(read_config(path), key_path)
-    except (OSError, ConfigError):
-        left = None
-    return {"path": str(path), "name": path.name, "left_model": left}
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -524,7 +494,7 @@ async def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
 
     backups = list_backups(settings.config_path)
     if args.json:
-        print(json.dumps([backup_entry(b, settings.left_key) for b in backups], indent=2))
+        print(json.dumps([operator.backup_entry(b, settings.left_key) for b in backups], indent=2))
         return EXIT_OK
     if not backups:
         print(f"no backups of {settings.config_path}")
@@ -636,27 +606,6 @@ def log_level(level: str) -> Iterator[None]:
             lg.setLevel(old)
         if handler is not None:
             root.removeHandler(handler)
-
-
-@contextlib.contextmanager
-def bus_lines(command: str, verbose: bool) -> Iterator[None]:
-    """With -v: which NATS server the command uses, one line `mindx <command>: bus ...`."""
-    if not verbose:
-        yield
-        return
-    logger = logging.getLogger(app.BUS_LOG)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"mindx {command}: %(message)s"))
-    before = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(before[0])
-        logger.propagate = before[1]
 
 
 _OFF = ("", "0", "false", "no", "off")  # MINDX_DEBUG values that leave debugging off

@@ -1,17 +1,78 @@
-"""Terminal rendering for the command line: exit codes, progress bars, and the text of the
-operator's commands (doctor, status, watch). Nothing here touches the bus or the backend."""
+"""Terminal rendering for the command line: exit codes, help that names every default, the `-v`
+bus line, progress bars, and the text of the operator's commands (doctor, status, watch).
+Nothing here touches the bus or the backend."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+from services.app import BUS_LOG
 from services.preflight import Check
 from shared.backend import CreateProgress
+from shared.settings import Settings
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+# --- help and lines -----------------------------------------------------------------------------
+
+
+class DefaultsHelp(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default: the one the help names, else the parser's,
+    else the Settings default the flag sets (a switch is off unless given)."""
+
+    _settings = Settings()
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:  # a switch
+            return f"{text} (default: off)"
+        value = action.default
+        if value is None:
+            value = getattr(self._settings, action.dest, None)
+        shown = "none" if value is None else value
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Use DefaultsHelp in `parser` and every subcommand's parser."""
+    parser.formatter_class = DefaultsHelp
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                show_defaults(child)
+
+
+@contextlib.contextmanager
+def bus_lines(command: str, verbose: bool) -> Iterator[None]:
+    """With -v: which NATS server the command uses, one line `mindx <command>: bus ...`."""
+    if not verbose:
+        yield
+        return
+    logger = logging.getLogger(BUS_LOG)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"mindx {command}: %(message)s"))
+    before = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+
+# --- progress -----------------------------------------------------------------------------------
 
 
 class ProgressBars:

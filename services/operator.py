@@ -10,6 +10,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -157,6 +158,18 @@ async def status(settings: Settings, *, wait: float = STATUS_WAIT_S) -> Status:
         dead_letters=dead,
         training_dir=str(settings.training_path),
     )
+
+
+def backup_entry(path: Path, key_path: str) -> dict[str, Any]:
+    """A config backup for `backups --json`: its path, name and the left model it holds."""
+    from services.model_config import ConfigError, read_config
+    from services.model_config import left_model as left_of
+
+    try:
+        left = left_of(read_config(path), key_path)
+    except (OSError, ConfigError):
+        left = None
+    return {"path": str(path), "name": path.name, "left_model": left}
 
 
 # --- watch ----------------------------------------------------------------------------------------
