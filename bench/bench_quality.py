@@ -30,7 +30,7 @@ def run(dataset: Path, held_out: int, limit: int, models: list[str]) -> dict:
         (memory / dataset.name).write_text("\n".join(lines) + "\n")
         cmd = [
             sys.executable, "-m", "services.cli", "train", "--run-once", "--json",
-            "--backend", "local", "--workspace", ws, "--watermark", "wm.json",
+            "--backend", "local", "--workspace", ws, "--watermark", "wm.json", "--init-config",
             "--held-out", str(held_out), *models,
         ]  # fmt: skip
         t0 = time.perf_counter()

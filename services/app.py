@@ -33,11 +33,13 @@ from shared.settings import Settings
 
 if TYPE_CHECKING:
     from services.pipeline import ModelChoice
+    from services.preflight import Check, Needs, PullProgress
     from shared.bus import Bus
     from shared.nats_auth import AuthDir, Role
 
 log = logging.getLogger(__name__)
 
+BUS_LOG = "mindx.bus"  # the logger that says which bus a command uses (`-v` shows it)
 IMPORT_WAIT_S = 600  # until the collector has stored every imported point
 ROLLBACK_WAIT_S = 30
 LANGUAGE_SAMPLE = 2000  # memory points looked at to tell the memory's language
@@ -190,10 +192,14 @@ async def start(bus: Any, res: Resources, names: Sequence[str]) -> list[Any]:
         raise ValueError(
             f"unknown component(s) {sorted(unknown)}; choose from {', '.join(COMPONENTS)} or all"
         )
+    from services import status
+
     started: list[Any] = []
     for name in names:
         started.extend(await COMPONENTS[name](bus, res))
         log.info("serving %s", name)
+    # every process answers `mindx status`
+    started += await status.serve(bus, names, stale_after_s=res.settings.run_deadline_s)
     res.services.extend(started)
     return started
 
@@ -246,9 +252,11 @@ async def endpoint(settings: Settings) -> AsyncIterator[Endpoint]:
     command on the same data dir), which requires auth: its keys (one per role, see
     shared.nats_auth) are made once under `<data-dir>/auth`."""
     from shared.nats_auth import ensure_auth_dir
+    from shared.nats_client import redact_url
     from shared.nats_server import ensure_nats
 
     if settings.nats:
+        logging.getLogger(BUS_LOG).info("bus %s (--nats or NATS_URL)", redact_url(settings.nats))
         yield Endpoint(settings.nats, settings, None)
         return
     if settings.nats_auth().any:
@@ -258,6 +266,7 @@ async def endpoint(settings: Settings) -> AsyncIterator[Endpoint]:
         )
     keys = ensure_auth_dir(settings.data_path / "auth")
     async with ensure_nats(None, settings.data_path / "nats", config=keys.config) as url:
+        logging.getLogger(BUS_LOG).info("bus %s (embedded, of %s)", url, settings.data_path)
         yield Endpoint(url, settings, keys)
 
 
@@ -268,17 +277,42 @@ async def connect(settings: Settings, role: Role = "service") -> AsyncIterator[B
         yield bus
 
 
-async def check_backend(res: Resources) -> None:
-    backend = await res.backend()
-    try:
-        await backend.version()
-    except Exception as exc:
-        s = res.settings
-        where = s.ollama if s.backend == "ollama" else "local runtime"
-        raise UserFacingError(
-            f"cannot reach the {s.backend} backend at {where}: {exc} "
-            "(start Ollama, or use --backend local)"
-        ) from exc
+@dataclass(frozen=True)
+class Checks:
+    """How a command runs its preflight (services.preflight): pull a missing model or refuse,
+    and where pull progress and warnings go."""
+
+    pull: bool = True
+    on_pull: PullProgress | None = None
+    on_warning: Callable[[Check], None] | None = None
+
+
+async def preflight(res: Resources, needs: Needs, checks: Checks | None) -> None:
+    """The checks `needs` asks for; PreflightError (a line per failure) before any work."""
+    from services.preflight import require
+
+    c = checks or Checks()
+    backend = await res.backend() if needs.backend else None
+    await require(
+        res.settings, backend, needs, pull=c.pull, on_pull=c.on_pull, on_warning=c.on_warning
+    )
+
+
+async def doctor(
+    settings: Settings, *, pull: bool = False, on_pull: PullProgress | None = None
+) -> list[Check]:
+    """Every preflight check alone (`mindx doctor`); a missing model is pulled only with `pull`."""
+    from services.preflight import ALL, run_checks
+
+    async with resources(settings) as res:
+        return await run_checks(
+            settings,
+            await res.backend(),
+            ALL,
+            pull=pull,
+            on_pull=on_pull,
+            pull_hint="or `mindx doctor --pull`",
+        )
 
 
 @dataclass(frozen=True)
@@ -335,12 +369,17 @@ async def serve_until(
     stopped: asyncio.Event,
     *,
     ready: Callable[[str], None],
+    checks: Checks | None = None,
 ) -> None:
-    """Serve the named components (or `all`) until `stopped` is set."""
+    """Serve the named components (or `all`) until `stopped` is set, once their preflight
+    checks pass."""
+    from services.preflight import needs_of
+
     names = list(ALL) if list(names) == ["all"] else list(names)
     choice = choose_models(settings)
     settings = choice.settings
     async with connect(settings) as bus, resources(settings, choice.reason) as res:
+        await preflight(res, needs_of(names), checks)
         services = await start(bus, res, names)
         ready(f"serving {', '.join(names)} on {bus.url}")
         try:
@@ -356,24 +395,34 @@ async def train_once(
     since: datetime | None = None,
     on_import: Callable[[Imported], None] | None = None,
     on_progress: Callable[[TrainingProgress], Awaitable[None]] | None = None,
+    checks: Checks | None = None,
 ) -> TrainingFinished:
     """One run through the bus, with every component in this process: import the memory dir,
     request a run, and return its `training.completed` / `training.failed`."""
     from services.memory_adapter import memory_files
+    from services.preflight import (
+        RUN_ONCE,
+        Check,
+        PreflightError,
+        corpus_points,
+        nothing_to_train_on,
+    )
 
     choice = choose_models(settings)
     settings = choice.settings
     async with connect(settings) as bus, resources(settings, choice.reason) as res:
-        await check_backend(res)
+        await preflight(res, RUN_ONCE, checks)
         names = [*ALL, *(["lora-worker"] if settings.mode == "lora" else [])]
         services = await start(bus, res, names)
         try:
             files = memory_files(settings.memory_path)
-            if files:
-                imported = await publish_memory(bus, files)
-                await bus.wait_idle(subjects.COLLECTOR, timeout=IMPORT_WAIT_S)
-                if on_import is not None:
-                    on_import(imported)
+            imported = await publish_memory(bus, files) if files else None
+            # what the memory dir and the bus held is in the corpus now
+            await bus.wait_idle(subjects.COLLECTOR, timeout=IMPORT_WAIT_S)
+            if imported is not None and on_import is not None:
+                on_import(imported)
+            if not corpus_points(settings):
+                raise PreflightError([Check("memory", "fail", nothing_to_train_on(settings))])
             progress = None
             if on_progress is not None:
                 progress = await bus.subscribe(

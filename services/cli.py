@@ -22,18 +22,27 @@ import traceback
 from collections.abc import Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
-from services import app
+from services import app, cli_operator, operator
 from services.app import UserFacingError
+from services.cli_render import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    ProgressBars,
+    PullBars,
+    bus_lines,
+    show_defaults,
+    warn,
+)
+from services.status import mindx_version
 from shared.messages import RunReport, TrainingProgress
-from shared.settings import Settings
+from shared.settings import DEFAULT_LOCAL_EMBED_MODEL, DEFAULT_OLLAMA_EMBED_MODEL, Settings
 
 log = logging.getLogger("mindx")
-
-EXIT_OK, EXIT_RUN_FAILED, EXIT_ERROR = 0, 1, 2
 
 
 # --- argument parsing ---------------------------------------------------------------------------
@@ -45,19 +54,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", dest="data_dir", help="data directory (default: data)")
     g.add_argument("--config", help="app model config (default: config/models.json)")
     g.add_argument("--training-dir", dest="training_dir", help="run files (default: training)")
-    g.add_argument("--watermark", help="last-train-time file")
+    g.add_argument("--watermark", help="last-train-time file (relative: to --workspace)")
     g.add_argument(
         "--nats", help="NATS URL, user:password@ allowed (default: NATS_URL, else embedded)"
     )
     _nats_flags(p)
     g.add_argument("--backend", choices=["ollama", "local"], help="model backend")
     g.add_argument("--ollama", help="Ollama URL (default: OLLAMA_HOST or 127.0.0.1:11434)")
-    g.add_argument("--embed-model", dest="embed_model", help="embedding model")
+    g.add_argument(
+        "--embed-model",
+        dest="embed_model",
+        help=f"embedding model (default: {DEFAULT_OLLAMA_EMBED_MODEL}; "
+        f"{DEFAULT_LOCAL_EMBED_MODEL} with --backend local)",
+    )
     g.add_argument(
         "--log-level", dest="log_level", help="DEBUG, INFO, WARNING (default), ERROR, CRITICAL"
     )
     g.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also MINDX_DEBUG=1)"
+    )
+    g.add_argument(
+        "-v", "--verbose", action="store_true", help="say which NATS server the command uses"
     )
     lim = p.add_argument_group("limits")
     lim.add_argument(
@@ -121,8 +138,15 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="run even below the corpus minimums")
     p.add_argument("--held-out", dest="held_out", type=int, help="validation cases (default: 20)")
-    p.add_argument("--min-effect", dest="min_effect", type=float, help="minimum CI lower bound")
-    p.add_argument("--max-examples", dest="max_examples", type=int, help="few-shot examples (50)")
+    p.add_argument(
+        "--min-effect",
+        dest="min_effect",
+        type=float,
+        help="promote only when the 95%% CI's lower bound of the gain is above this",
+    )
+    p.add_argument(
+        "--max-examples", dest="max_examples", type=int, help="few-shot examples (message mode)"
+    )
     p.add_argument(
         "--validation-concurrency",
         dest="validation_concurrency",
@@ -131,15 +155,50 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     lg = p.add_argument_group("lora")
-    lg.add_argument("--epochs", type=int)
-    lg.add_argument("--batch-size", dest="batch_size", type=int)
-    lg.add_argument("--learning-rate", dest="learning_rate", type=float)
-    lg.add_argument("--max-length", dest="max_length", type=int)
-    lg.add_argument("--lora-rank", dest="lora_rank", type=int)
-    lg.add_argument("--lora-alpha", dest="lora_alpha", type=int)
-    lg.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds")
-    lg.add_argument("--base-weights", dest="base_weights", help="GGUF path, HF dir or HF id")
-    lg.add_argument("--export", choices=["auto", "adapter", "merged"])
+    lg.add_argument("--epochs", type=int, help="passes over the dataset")
+    lg.add_argument("--batch-size", dest="batch_size", type=int, help="examples per step")
+    lg.add_argument("--learning-rate", dest="learning_rate", type=float, help="AdamW's")
+    lg.add_argument(
+        "--max-length", dest="max_length", type=int, help="tokens per example (longer: cut)"
+    )
+    lg.add_argument("--lora-rank", dest="lora_rank", type=int, help="the adapter's rank")
+    lg.add_argument("--lora-alpha", dest="lora_alpha", type=int, help="the adapter's alpha")
+    lg.add_argument(
+        "--time-budget",
+        dest="time_budget_s",
+        type=float,
+        metavar="S",
+        help="seconds of training at most (none: until the epochs are done)",
+    )
+    lg.add_argument(
+        "--base-weights",
+        dest="base_weights",
+        help="GGUF path, HF dir or HF id (none: the weights the backend serves)",
+    )
+    lg.add_argument(
+        "--export",
+        choices=["auto", "adapter", "merged"],
+        help="the GGUF to build the model from (auto: the adapter, else the merged model)",
+    )
+
+
+def _switch_flags(p: argparse.ArgumentParser) -> None:
+    """Where a config updater or a trainer runs: a missing config, a missing model."""
+    p.add_argument(
+        "--no-pull",
+        dest="no_pull",
+        action="store_true",
+        help="refuse to start when the base or embedding model is missing (default: pull it, "
+        "with progress, as `ollama run` does)",
+    )
+    p.add_argument(
+        "--init-config",
+        dest="init_config",
+        action="store_true",
+        default=None,
+        help="create the config if it does not exist (default: refuse: a missing config is "
+        "usually a typo) [MINDX_INIT_CONFIG]",
+    )
 
 
 def _app_flags(p: argparse.ArgumentParser) -> None:
@@ -156,21 +215,45 @@ def _app_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistyped command line is an expected error too: one line, exit 2 (argparse's own
+    would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mindx", description="Personalize the local left-brain model from memory."
     )
+    parser.add_argument("--version", action="version", version=f"mindx {mindx_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (a service, or one run with --run-once)")
     _common(p)
     _train_flags(p)
+    _switch_flags(p)
     _app_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("serve", help="serve components: collector trainer validator ... | all")
+    width = max(len(name) for name in COMPONENT_HELP)
+    p = sub.add_parser(
+        "serve",
+        help="serve components: collector trainer validator ... | all",
+        epilog="components:\n"
+        + "\n".join(f"  {name:<{width}}  {what}" for name, what in COMPONENT_HELP.items())
+        + f"\n  {'all':<{width}}  {' '.join(app.ALL)}",
+    )
     _common(p)
-    p.add_argument("components", nargs="+")
+    p.add_argument(
+        "components",
+        nargs="+",
+        choices=[*app.COMPONENTS, "all"],
+        metavar="COMPONENT",
+        help="one or more of the components below, or all",
+    )
+    _switch_flags(p)
     _app_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -178,23 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="memory_command", required=True)
     q = msub.add_parser("import", help="publish memory points from .jsonl / .json files")
     _common(q)
-    q.add_argument("files", nargs="+", type=Path)
+    q.add_argument("files", nargs="+", type=Path, help="Memory's exports: .jsonl or .json")
     q.set_defaults(func=cmd_memory_import)
 
     p = sub.add_parser("corpus", help="the collected corpus")
     csub = p.add_subparsers(dest="corpus_command", required=True)
     q = csub.add_parser("stats", help="points, pairs and pairs since the watermark")
     _common(q)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the counts as JSON")
     q.set_defaults(func=cmd_corpus_stats)
 
     p = sub.add_parser("rollback", help="restore a config backup and announce model.updated")
     _common(p)
     p.add_argument("--to", dest="to", help="backup file name (default: the newest)")
+    p.add_argument("--json", action="store_true", help="print the model.updated event as JSON")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("backups", help="list config backups, newest first")
     _common(p)
+    p.add_argument("--json", action="store_true", help="print the backups as JSON")
     p.set_defaults(func=cmd_backups)
 
     p = sub.add_parser("models", help="the models runs created, with their lineage (* live)")
@@ -206,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="dlq_command", required=True)
     q = dsub.add_parser("list", help="list dead letters")
     _common(q)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print them as JSON")
     q.set_defaults(func=cmd_dlq_list)
+
+    cli_operator.add_commands(sub, dsub, _common)
 
     p = sub.add_parser("init", help="declare every stream on the bus, before any service runs")
     _common(p)
@@ -223,16 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("dir", type=Path, help="a new or empty directory (made 0700)")
     q.add_argument(
+        "--keep-existing",
+        action="store_true",
+        help="when DIR already holds keys, keep them and succeed (default: refuse; "
+        "keys are never replaced)",
+    )
+    q.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also MINDX_DEBUG=1)"
     )
     q.set_defaults(func=cmd_auth_init)
 
     p = sub.add_parser("report", help="summary of a run report (default: the latest)")
     _common(p)
-    p.add_argument("run_id", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("run_id", nargs="?", help="the run (default: the latest)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_report)
+    show_defaults(parser)
     return parser
+
+
+COMPONENT_HELP = {
+    "collector": "stores memory points in the corpus",
+    "trainer": "runs the training requests",
+    "validator": "answers validation cases (any number, anywhere)",
+    "config-updater": "switches the app's config to a validated model, and rolls back",
+    "lora-worker": "trains LoRA jobs (on a GPU machine; not part of all)",
+}
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -248,6 +351,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         StaleConnectionError,
     )
 
+    from services.preflight import PreflightError
     from shared.backend import BackendError
     from shared.bus import BusError
     from shared.nats_server import NatsServerError
@@ -255,6 +359,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     return (
         UserFacingError,
+        PreflightError,
         SettingsError,
         BackendError,
         BusError,
@@ -275,7 +380,8 @@ def report_error(command: str, exc: BaseException, *, debug: bool) -> int:
     if isinstance(exc, expected_errors()):
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
-        print(f"mindx {command}: {message}", file=sys.stderr)
+        for line in message.splitlines():  # several problems: one line each
+            print(f"mindx {command}: {line}", file=sys.stderr)
         return EXIT_ERROR
     hint = f"mindx {command}: unexpected {type(exc).__name__}: {message} (a bug; traceback follows)"
     print(hint, file=sys.stderr)
@@ -290,7 +396,7 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from services.report_render import summary_text
 
     if not args.run_once:
-        return await _serve(settings, ["trainer"])
+        return await _serve(settings, ["trainer"], args)
 
     def imported(result: app.Imported) -> None:
         for e in result.errors:
@@ -306,11 +412,18 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         bars.update(ev)
 
     since = datetime.fromisoformat(args.since) if args.since else None
+    pulls = PullBars()  # on stderr, with --json too: a pull can take minutes
     try:
         finished = await app.train_once(
-            settings, force=bool(args.force), since=since, on_import=imported, on_progress=progress
+            settings,
+            force=bool(args.force),
+            since=since,
+            on_import=imported,
+            on_progress=progress,
+            checks=_checks(args, pulls),
         )
     finally:
+        pulls.close()
         bars.close()
     report = msgspec.convert(finished.report, RunReport)
     if args.json:
@@ -321,18 +434,36 @@ async def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_RUN_FAILED if report.status in ("failed", "success_config_failed") else EXIT_OK
 
 
-async def _serve(settings: Settings, names: list[str]) -> int:
+def _checks(args: argparse.Namespace, pulls: PullBars) -> app.Checks:
+    """The preflight of train and serve: pull (with progress) unless --no-pull; warnings shown."""
+    command = command_name(args)
+    return app.Checks(
+        pull=not args.no_pull, on_pull=pulls.update, on_warning=lambda c: warn(command, c)
+    )
+
+
+async def _serve(settings: Settings, names: list[str], args: argparse.Namespace) -> int:
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stopped.set)
-    await app.serve_until(settings, names, stopped, ready=lambda line: print(line, file=sys.stderr))
+    pulls = PullBars()
+    try:
+        await app.serve_until(
+            settings,
+            names,
+            stopped,
+            ready=lambda line: print(line, file=sys.stderr),
+            checks=_checks(args, pulls),
+        )
+    finally:
+        pulls.close()
     return EXIT_OK
 
 
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    return await _serve(settings, args.components)
+    return await _serve(settings, args.components, args)
 
 
 async def cmd_memory_import(settings: Settings, args: argparse.Namespace) -> int:
@@ -364,6 +495,9 @@ async def cmd_corpus_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     outcome = await app.rollback(settings, args.to)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(outcome), ensure_ascii=False, indent=2))
+        return EXIT_OK
     print(
         f"left brain in {outcome.config_path}: {outcome.previous_model} -> {outcome.model} "
         f"(restored {outcome.restored_from}; the replaced config is saved as {outcome.backup_path})"
@@ -375,6 +509,9 @@ async def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
     from services.model_config import list_backups
 
     backups = list_backups(settings.config_path)
+    if args.json:
+        print(json.dumps([operator.backup_entry(b, settings.left_key) for b in backups], indent=2))
+        return EXIT_OK
     if not backups:
         print(f"no backups of {settings.config_path}")
     for b in backups:
@@ -437,9 +574,12 @@ async def cmd_schema(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_auth_init(settings: Settings, args: argparse.Namespace) -> int:
-    from shared.nats_auth import ROLE_PURPOSE, init_auth_dir
+    from shared.nats_auth import ROLE_PURPOSE, AuthDir, ensure_auth_dir, init_auth_dir
 
-    auth = init_auth_dir(args.dir)
+    if args.keep_existing and AuthDir(args.dir).exists():
+        print(f"keeping the keys in {args.dir}")
+        return EXIT_OK
+    auth = ensure_auth_dir(args.dir) if args.keep_existing else init_auth_dir(args.dir)
     print(f"wrote {auth.config}")
     for role in auth.roles:
         print(f"  {auth.seed_file(role)}  {role}: {ROLE_PURPOSE[role]}")
@@ -461,47 +601,6 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(summary_text(report, path.with_suffix(".html")))
     return EXIT_OK
-
-
-# --- progress -----------------------------------------------------------------------------------
-
-
-class ProgressBars:
-    """One bar per stage in a terminal; plain lines otherwise."""
-
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self._bar: Any = None
-        self._stage = ""
-
-    def update(self, ev: Any) -> None:
-        if not self.enabled:
-            return
-        if ev.stage != self._stage:
-            self.close()
-            self._stage = ev.stage
-            if self.tty and ev.total:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=ev.total, desc=ev.stage, unit="step", leave=True)
-            else:
-                print(f"[{ev.stage}] {ev.message}", file=sys.stderr)
-        if self._bar is not None:
-            self._bar.n = ev.done
-            post = {}
-            if ev.loss is not None:
-                post["loss"] = f"{ev.loss:.3f}"
-            if ev.tokens_per_s:
-                post["tok/s"] = f"{ev.tokens_per_s:.0f}"
-            if post:
-                self._bar.set_postfix(post)
-            self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
 
 # --- entry point --------------------------------------------------------------------------------
@@ -563,10 +662,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = command_name(args)
     debug = bool(args.debug) or os.environ.get("MINDX_DEBUG", "").lower() not in _OFF
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
+    skip = ("func", "command", "debug", "verbose")
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         settings = Settings.load(flags)
-        with log_level(settings.log_level):
+        with log_level(settings.log_level), bus_lines(command, getattr(args, "verbose", False)):
             log.debug("%s with %s", command, settings)
             return asyncio.run(_cancellable(args.func(settings, args)))
     except KeyboardInterrupt:

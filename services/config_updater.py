@@ -9,9 +9,10 @@ id must say the same (decision, models, scores) and the new model must exist on 
 Anything else is dead-lettered with the reason and leaves the config untouched; the names in it
 have already been checked against the name grammar while decoding.
 
-The app owns `models.json`. When it does not exist yet (a fresh machine), the first update starts
-from `{"brain": {"left": <base>}, "models": []}` so the app finds a config that names the new
-model; there is nothing to back up in that case, so `backup_path` is null.
+The app owns `models.json`. A missing one is an operator's mistake (a typo in `--config`) and the
+update fails with that reason, unless `init_config` is set (`--init-config`, a fresh machine): then
+the first update starts from `{"brain": {"left": <base>}, "models": []}` so the app finds a config
+that names the new model; there is nothing to back up in that case, so `backup_path` is null.
 
 Idempotency: the journal records the runs already applied before the config is written, so a
 redelivered `model.validated` finishes exactly what the crashed delivery left undone and never
@@ -47,6 +48,7 @@ from services.model_config import (
     find_backup,
     left_model,
     load_applied,
+    missing_config,
     model_entry,
     names_in_use,
     prune_backups,
@@ -219,8 +221,10 @@ class ConfigUpdater:
         keep_backups: int = 10,
         models: ModelStore | None = None,  # None: no lineage, no retention, no existence check
         keep_models: int = 3,
+        init_config: bool = False,
     ) -> None:
         self.bus = bus
+        self.init_config = init_config  # may a missing config be created?
         self.verifier = verifier
         self.config_path = Path(config_path)
         self.key_path = key_path
@@ -245,6 +249,10 @@ class ConfigUpdater:
         except ModelMissing as exc:  # a genuine run: its trainer waits for an answer
             await self._failed(ev.run_id, exc)
             raise
+        if not self.init_config and not self.config_path.exists():
+            # before the lock, whose file would make the mistyped path's directories
+            await self._failed(ev.run_id, ConfigError(missing_config(self.config_path)))
+            return
         async with self._lock, contextlib.AsyncExitStack() as held:
             try:
                 await held.enter_async_context(config_lock(self.config_path))
@@ -269,6 +277,8 @@ class ConfigUpdater:
             log.info("run %s already applied; nothing to do", ev.run_id)
             return None
         exists = path.exists()
+        if not exists and not self.init_config:
+            raise ConfigError(missing_config(path))
         config = read_config(path) if exists else default_config(ev.base_model)
         written = config  # what the config holds once this run is applied
         current = left_model(config, self.key_path)
@@ -501,6 +511,7 @@ async def serve(bus: Bus, settings: Settings, backend: Backend) -> list[Service]
         keep_backups=settings.keep_backups,
         models=BusModels(bus, backend, settings.training_path),
         keep_models=settings.keep_models,
+        init_config=settings.init_config,
     )
     return [
         await bus.serve(subjects.CONFIG_UPDATER, ModelValidated, updater.on_model_validated),

@@ -58,6 +58,14 @@ def default_config(base_model: str) -> dict[str, Any]:
     return {"brain": {"left": base_model}, "models": []}
 
 
+def missing_config(path: Path) -> str:
+    """Why a config that does not exist is not made up, and what to do instead."""
+    return (
+        f"config {path} does not exist; check --config (or MINDX_CONFIG), "
+        "or pass --init-config to create it"
+    )
+
+
 def get_key(config: dict[str, Any], key_path: str) -> Any:
     """The value at a dot-separated key path, or None when any part is missing."""
     node: Any = config

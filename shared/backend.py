@@ -52,6 +52,8 @@ class CreateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class CreateProgress(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A progress line of `/api/create` or `/api/pull` (both stream this shape)."""
+
     status: str = ""
     digest: str | None = None
     total: int | None = None
@@ -145,6 +147,10 @@ class Backend(Protocol):
     async def create(
         self, request: CreateRequest, *, on_progress: ProgressCallback | None = None
     ) -> None: ...
+
+    async def pull(self, model: str, *, on_progress: ProgressCallback | None = None) -> None:
+        """Download `model` from the registry (`ollama pull`); returns after `success`."""
+        ...
 
     async def push_blob(self, path: Path) -> str:
         """Upload a file if the server lacks it; returns its `sha256:<hex>` digest."""

@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,6 +52,7 @@ from shared.bus_consumer import (
     Service,
     backoff_delay,
 )
+from shared.bus_dlq import DLQ_STREAM, DeadLetters, Letter
 from shared.bus_errors import (
     BusError,
     NoRespondersError,
@@ -63,14 +63,12 @@ from shared.bus_errors import (
     RequestTimeoutError,
 )
 from shared.bus_storage import Storage
-from shared.messages import DeadLetter, decode, encode
+from shared.messages import decode, encode
 from shared.nats_client import Connecting, Denials, NatsAuth, redact_url
 from shared.subjects import (
-    DEAD_LETTER_PREFIX,
     STREAMS,
     ConsumerSpec,
     StreamSpec,
-    dead_letter_subject,
 )
 
 __all__ = [
@@ -82,6 +80,7 @@ __all__ = [
     "BusError",
     "Delivery",
     "Expect",
+    "Letter",
     "NoRespondersError",
     "ObjectNotFoundError",
     "PayloadTooLargeError",
@@ -104,7 +103,6 @@ R = TypeVar("R")
 # The NATS micro convention for a failed request, so non-Python requesters understand it too.
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-DLQ_STREAM = next(s.name for s in STREAMS if s.subjects == [f"{DEAD_LETTER_PREFIX}.>"])
 
 
 # --- subject → stream (pure) --------------------------------------------------------------------
@@ -163,7 +161,7 @@ class Expect(Generic[T]):
 # --- the bus ------------------------------------------------------------------------------------
 
 
-class Bus(Storage):
+class Bus(Storage, DeadLetters):
     """A NATS connection with the project's streams, consumers and conventions."""
 
     def __init__(self, nc: Client, url: str, denials: Denials | None = None) -> None:
@@ -511,52 +509,6 @@ class Bus(Storage):
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 1.5, 0.5)
 
-    async def dead_letters(
-        self, limit: int = 1000, *, subject: str | None = None
-    ) -> list[DeadLetter]:
-        """The newest `limit` dead letters (oldest first), optionally of one original subject."""
-        try:
-            info = await self._api(self._js.stream_info(DLQ_STREAM))
-        except nats.js.errors.NotFoundError:
-            return []  # not created yet: nothing was dead-lettered
-        state = info.state
-        if state.messages == 0 or limit <= 0:
-            return []
-        name = f"dlq-read-{uuid.uuid4().hex[:12]}"
-        config = ConsumerConfig(
-            name=name,
-            filter_subject=dead_letter_subject(subject) if subject else f"{DEAD_LETTER_PREFIX}.>",
-            ack_policy=AckPolicy.NONE,
-            mem_storage=True,
-            inactive_threshold=30.0,  # the server removes it if we die before deleting it
-        )
-        if subject is None:
-            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = max(state.first_seq, state.last_seq - limit + 1)
-        else:
-            config.deliver_policy = DeliverPolicy.ALL
-        created = await self._api(self._js.add_consumer(DLQ_STREAM, config))
-        letters: deque[DeadLetter] = deque(maxlen=limit)
-        try:
-            left = created.num_pending or 0  # what matches now; later letters are not waited for
-            sub = await self._js.pull_subscribe_bind(consumer=name, stream=DLQ_STREAM)
-            while left > 0:
-                try:
-                    msgs = await self._api(sub.fetch(min(left, 256), timeout=5.0))
-                except TimeoutError:
-                    break  # messages removed meanwhile (max_age)
-                for msg in msgs:
-                    left -= 1
-                    try:
-                        letters.append(decode(msg.data, DeadLetter))
-                    except msgspec.DecodeError as exc:
-                        log.warning("skipping undecodable dead letter %s: %s", msg.subject, exc)
-            await sub.unsubscribe()
-        finally:
-            with contextlib.suppress(Exception):
-                await self._js.delete_consumer(DLQ_STREAM, name)
-        return list(letters)
-
     # --- core NATS ----------------------------------------------------------------------------
 
     async def subscribe(
@@ -629,6 +581,36 @@ class Bus(Storage):
                 await asyncio.wait_for(sub.drain(), grace)
 
         return self._track(Service(f"reply:{subject}", stop))
+
+    async def gather(
+        self,
+        subject: str,
+        payload: msgspec.Struct,
+        reply_type: type[R],
+        *,
+        wait: float,
+    ) -> list[R]:
+        """A request every responder answers (no queue group): the typed replies that arrive
+        within `wait` seconds, undecodable ones skipped. A refused publish raises at once."""
+        replies: list[R] = []
+
+        async def on_msg(msg: Msg) -> None:
+            if not msg.data:  # the server's "no responders" status: nobody is listening
+                return
+            try:
+                replies.append(decode(msg.data, reply_type))
+            except msgspec.DecodeError as exc:
+                log.warning("skipping an undecodable reply on %s: %s", subject, exc)
+
+        inbox = self._nc.new_inbox()
+        sub = await self._denials.subscribe(self._nc, inbox, None, on_msg)
+        try:
+            await self._nc.publish(subject, encode(payload), reply=inbox)
+            await self._denials.guard(asyncio.sleep(wait), subject)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return replies
 
     async def request(
         self,

@@ -379,6 +379,24 @@ class RunReport(msgspec.Struct, kw_only=True):
     selection: str = ""  # how the training set, held-out cases and examples were chosen
 
 
+# --- status (core request, answered by every process) ----------------------------------------
+
+
+class StatusRequest(Payload, kw_only=True, frozen=True):
+    """`mindx.status`: asks every running mindx process for its `ProcessStatus`."""
+
+
+class ProcessStatus(Payload, kw_only=True, frozen=True):
+    """One process's answer to `mindx.status`."""
+
+    id: str  # host:pid
+    components: list[str]  # what it serves: collector, trainer, validator, ...
+    version: str = ""  # of mindx-training
+    started_at: datetime = msgspec.field(default_factory=utc_now)
+    # the latest progress of each run in progress (a process with the trainer follows them)
+    runs: list[TrainingProgress] = []
+
+
 # --- dead letters -------------------------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from shared.subjects import (
     MODEL_VALIDATED,
     MODELS,
     RUNS,
+    STATUS,
     STREAMS,
     TRAINER,
     TRAINING_COMPLETED,
@@ -63,8 +64,8 @@ ROLE_PURPOSE: dict[Role, str] = {
     "object store, announces lora.done",
     "memory": "the app's memory: publishes memory points (created, updated, deleted) only",
     "brain": "the app's brain: reads model.updated and training events, publishes nothing",
-    "operator": "a person: requests runs and rollbacks, reads run events, stream status and "
-    "dead letters",
+    "operator": "a person: requests runs and rollbacks, reads run events, stream status, the "
+    "services' status and dead letters, purges dead letters",
 }
 
 CONFIG_FILE = "nats-server.conf"
@@ -197,6 +198,17 @@ def read_dead_letters() -> Permissions:
     )
 
 
+def manage_dead_letters() -> Permissions:
+    """Remove dead letters: one by one (after a replay), or all of a subject (a purge)."""
+    dlq = next(s.name for s in STREAMS if s.subjects == [dead_letter_subject(">")])
+    return read_dead_letters() | _pub(f"{_JS}.STREAM.MSG.DELETE.{dlq}", f"{_JS}.STREAM.PURGE.{dlq}")
+
+
+def answer_status() -> Permissions:
+    """Answer `mindx.status` (every process does: no queue group)."""
+    return Permissions(subscribe=frozenset({STATUS}), allow_responses=True)
+
+
 # --- what each component does on the bus -----------------------------------------------------
 
 _PROGRESS = f"{TRAINING_PROGRESS}.*"
@@ -236,6 +248,9 @@ LOCAL_CLIENT_PERMS = publish(
 ROLE_PERMISSIONS: dict[Role, Permissions] = {
     "service": (
         manage_streams()
+        | answer_status()
+        | listen(*_RUN_EVENTS)  # a process with the trainer follows the runs for its status
+        | manage_dead_letters()  # `dlq replay` re-publishes what its components consume
         | stream_status()
         | COLLECTOR_PERMS
         | TRAINER_PERMS
@@ -244,16 +259,17 @@ ROLE_PERMISSIONS: dict[Role, Permissions] = {
         | LORA_WORKER_PERMS
         | LOCAL_CLIENT_PERMS
     ),
-    "validator": VALIDATOR_PERMS,
-    "lora-worker": LORA_WORKER_PERMS,
+    "validator": VALIDATOR_PERMS | answer_status(),
+    "lora-worker": LORA_WORKER_PERMS | answer_status(),
     "memory": publish(*MEMORY_POINT_SUBJECTS),
     "brain": listen(MODEL_UPDATED, "training.>"),
     "operator": (
         publish(TRAINING_REQUESTED, MODEL_ROLLBACK_REQUESTED)
         | listen(*_RUN_EVENTS, *_MODEL_ANSWERS)
         | stream_status()
-        | read_dead_letters()
+        | manage_dead_letters()
         | run_records(MODELS, write=False)  # `mindx models`
+        | publish(STATUS)  # ask who is running; the answers come to its own inbox
     ),
 }
 

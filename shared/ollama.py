@@ -251,13 +251,23 @@ class OllamaClient:
         self, request: CreateRequest, *, on_progress: ProgressCallback | None = None
     ) -> None:
         """Stream `/api/create`; returns only after a final `{"status":"success"}` line."""
-        path = "/api/create"
-        body = msgspec.json.encode(request)  # `from_` goes out as "from"; no `modelfile` field
+        # `from_` goes out as "from"; no `modelfile` field
+        await self._progress_stream("/api/create", msgspec.json.encode(request), on_progress)
+
+    async def pull(self, model: str, *, on_progress: ProgressCallback | None = None) -> None:
+        """Stream `/api/pull` (as `ollama pull` does); returns only after `{"status":"success"}`."""
+        body = msgspec.json.encode({"model": model})
+        await self._progress_stream("/api/pull", body, on_progress)
+
+    async def _progress_stream(
+        self, path: str, body: bytes, on_progress: ProgressCallback | None
+    ) -> None:
+        """POST `body` and follow its NDJSON progress lines until `success`."""
         lines_seen = 0
 
         # Retry only while no line has arrived. Once the server streams, it has begun the work
         # (pulling, converting, writing layers) and its failure is a verdict on this request;
-        # re-sending would repeat minutes of conversion and replay progress to the caller.
+        # re-sending would repeat minutes of work and replay progress to the caller.
         def before_output(_: BaseException) -> bool:
             return lines_seen == 0
 
@@ -265,7 +275,7 @@ class OllamaClient:
             with attempt:
                 last: CreateProgress | None = None
                 async for line in self._stream_lines(path, body):
-                    progress = self._create_line(path, line, first=lines_seen == 0)
+                    progress = self._progress_line(path, line, first=lines_seen == 0)
                     lines_seen += 1
                     last = progress
                     await _notify(on_progress, progress)
@@ -275,7 +285,7 @@ class OllamaClient:
                 return
 
     @staticmethod
-    def _create_line(path: str, line: bytes, *, first: bool) -> CreateProgress:
+    def _progress_line(path: str, line: bytes, *, first: bool) -> CreateProgress:
         try:
             data = msgspec.json.decode(line)
         except msgspec.DecodeError as exc:

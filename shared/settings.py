@@ -58,6 +58,7 @@ class Settings:
     config: Path = Path("config/models.json")
     watermark: Path = Path("~/.mindx/training/last_training.json")
     left_key: str = "brain.left"  # key path of the left-brain model in the config
+    init_config: bool = False  # may a missing config be created (else: refused, a typo)
     keep_backups: int = 10
     keep_models: int = 3  # promoted models kept on the backend (rollback targets)
 

@@ -19,7 +19,9 @@ from shared.messages import (
     ModelUpdateFailed,
     ModelValidated,
     Payload,
+    ProcessStatus,
     RollbackRequested,
+    StatusRequest,
     TrainingFinished,
     TrainingProgress,
     TrainingRequested,
@@ -44,6 +46,7 @@ VALIDATOR_QUEUE = "validators"
 LORA_JOBS = "lora.jobs"
 LORA_DONE = "lora.done"  # + ".<run_id>"
 DEAD_LETTER_PREFIX = "dlq"  # dlq.<original subject>
+STATUS = "mindx.status"  # core request; every mindx process answers (no queue group)
 
 LORA_OBJECT_BUCKET = "mindx-lora"
 
@@ -244,9 +247,10 @@ PAYLOADS: dict[str, type[Payload]] = {
     LORA_JOBS: LoraJob,
     f"{LORA_DONE}.*": LoraJobDone,
     f"{DEAD_LETTER_PREFIX}.>": DeadLetter,
+    STATUS: StatusRequest,
 }
 # Request/reply subjects: the payload of the reply.
-REPLIES: dict[str, type[Payload]] = {VALIDATION_CASE: ValidationResult}
+REPLIES: dict[str, type[Payload]] = {VALIDATION_CASE: ValidationResult, STATUS: ProcessStatus}
 
 
 def contract_schema() -> dict[str, Any]:

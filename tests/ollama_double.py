@@ -214,6 +214,7 @@ _ROUTES: dict[str, dict[str, str]] = {
     "/api/chat": {"POST": "chat"},
     "/api/embed": {"POST": "embed"},
     "/api/create": {"POST": "create"},
+    "/api/pull": {"POST": "pull"},
     "/api/copy": {"POST": "copy"},
     "/api/delete": {"DELETE": "delete"},
 }
@@ -337,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HttpError(400, bad_json)
             result = getattr(d, route[method])(body)
             if fault and fault.stream_error and not isinstance(result, Iterator):
-                if path == "/api/chat" or path == "/api/create":  # stream:false: real status
+                if path in ("/api/chat", "/api/create", "/api/pull"):  # stream:false: real status
                     raise HttpError(500, fault.stream_error)
             if result is None:
                 return self._send(200)

@@ -2,8 +2,9 @@
 
 It follows ../shared/reference/ollama-api.md where a client can notice: error statuses and texts,
 `stream` omitted meaning true, the structured `/api/create` (the removed `modelfile` field gets
-400), blobs by digest, baked `messages` and SYSTEM prepended to every chat, metrics omitted when
-zero. The HTTP side (routing, NDJSON framing, faults) is tests.ollama_double.
+400), `/api/pull` from a registry of pullable models, blobs by digest, baked `messages` and SYSTEM
+prepended to every chat, metrics omitted when zero. The HTTP side (routing, NDJSON framing,
+faults) is tests.ollama_double.
 
 Chat is deterministic and honest about personalization: a base model answers a fixed generic
 reply built from the prompt; a created model with baked messages answers with the assistant reply
@@ -210,12 +211,15 @@ class OllamaStore:
         self.blobs: dict[str, Path] = {}
         self.lock = threading.RLock()
         for name, family in (chat_models or DEFAULT_CHAT_MODELS).items():
-            caps = ["completion", "tools"] + (["thinking"] if family in THINKING_FAMILIES else [])
-            self.add_model(Model(name=name, family=family, capabilities=caps))
+            self.add_model(_chat_model(name, family))
         for name in embed_models:
-            self.add_model(
-                Model(name=name, family="bert", capabilities=["embedding"], size=100_000_000)
-            )
+            self.add_model(_embed_model(name))
+        # what `/api/pull` finds in the registry: the default models, installed or not
+        self.registry: dict[str, Model] = {}
+        for name, family in DEFAULT_CHAT_MODELS.items():
+            self.add_to_registry(_chat_model(name, family))
+        for name in DEFAULT_EMBED_MODELS:
+            self.add_to_registry(_embed_model(name))
 
     # registry helpers
     def add_model(self, model: Model) -> Model:
@@ -225,6 +229,16 @@ class OllamaStore:
         model.name = name
         with self.lock:
             self.models[name] = model
+        return model
+
+    def add_to_registry(self, model: Model) -> Model:
+        """Make `model` pullable (`/api/pull` installs a copy)."""
+        name = normalize_name(model.name)
+        if name is None:
+            raise ValueError(f"invalid model name {model.name!r}")
+        model.name = name
+        with self.lock:
+            self.registry[name] = model
         return model
 
     def find(self, name: Any) -> Model | None:
@@ -550,6 +564,44 @@ class OllamaStore:
         elif not rel.endswith((".safetensors", ".json")) and not rel.endswith("tokenizer.model"):
             raise HttpError(400, "unknown type")
 
+    def pull(self, body: Any) -> Any:
+        if not isinstance(body, dict):
+            raise HttpError(400, "missing request body")
+        name = body.get("model") or body.get("name")  # `name` is deprecated but read
+        target = normalize_name(name) if isinstance(name, str) else None
+        if target is None:
+            raise HttpError(400, "invalid model name")
+        stream = body.get("stream", True) is not False
+        with self.lock:
+            found = [m for key, m in self.registry.items() if key.lower() == target.lower()]
+        if not found:
+            # the registry answers after the manifest request: a later line, status 200
+            if not stream:
+                raise HttpError(500, "pull model manifest: file does not exist")
+            return iter(
+                [
+                    {"status": "pulling manifest"},
+                    {"error": "pull model manifest: file does not exist"},
+                ]
+            )
+        if not stream:
+            self.add_model(copy.deepcopy(found[0]))
+            return {"status": "success"}
+        return self._pull_stream(found[0])
+
+    def _pull_stream(self, model: Model) -> Iterator[dict[str, Any]]:
+        yield {"status": "pulling manifest"}
+        total = int(model.size)
+        layer = {"digest": f"sha256:{model.digest}", "total": total}
+        yield {"status": f"pulling {model.digest[:12]}", **layer}  # `completed` 0: omitted
+        yield {"status": f"pulling {model.digest[:12]}", **layer, "completed": total // 2}
+        yield {"status": f"pulling {model.digest[:12]}", **layer, "completed": total}
+        yield {"status": "verifying sha256 digest"}
+        yield {"status": "writing manifest"}
+        # installed only once the stream got this far: a failed pull leaves nothing behind
+        self.add_model(copy.deepcopy(model))
+        yield {"status": "success"}
+
     def copy(self, body: Any) -> Any:
         src, dst = _field(body, "source"), _field(body, "destination")
         if not src or not dst:
@@ -575,6 +627,15 @@ class OllamaStore:
         with self.lock:
             del self.models[m.name]
         return None
+
+
+def _chat_model(name: str, family: str) -> Model:
+    caps = ["completion", "tools"] + (["thinking"] if family in THINKING_FAMILIES else [])
+    return Model(name=name, family=family, capabilities=caps)
+
+
+def _embed_model(name: str) -> Model:
+    return Model(name=name, family="bert", capabilities=["embedding"], size=100_000_000)
 
 
 def _field(body: Any, key: str) -> Any:

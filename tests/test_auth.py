@@ -119,6 +119,7 @@ def test_each_user_may_read_only_its_own_inbox_and_the_brain_publishes_nothing()
     assert permissions("validator", "K").subscribe == {
         f"{inbox_prefix('K')}.>",
         f"{subjects.VALIDATION_CASE} {subjects.VALIDATOR_QUEUE}",  # in the queue group only
+        subjects.STATUS,  # every process answers `mindx status`
     }
     # a validator publishes only what reading the run records takes: no record, no stream
     runs = f"KV_{subjects.RUNS.name}"

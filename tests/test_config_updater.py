@@ -338,9 +338,14 @@ class Trusting:
         return None
 
 
-def updater(path: Path, pub: Recorder, keep: int = 10) -> ConfigUpdater:
+def updater(path: Path, pub: Recorder, keep: int = 10, *, init: bool = False) -> ConfigUpdater:
     return ConfigUpdater(
-        pub, verifier=Trusting(), config_path=path, key_path="brain.left", keep_backups=keep
+        pub,
+        verifier=Trusting(),
+        config_path=path,
+        key_path="brain.left",
+        keep_backups=keep,
+        init_config=init,
     )
 
 
@@ -461,16 +466,29 @@ async def test_an_unwritable_location_publishes_update_failed(tmp_path: Path):
     blocker = tmp_path / "not-a-dir"
     put(blocker, "")
     pub = Recorder()
-    await updater(blocker / "models.json", pub).on_model_validated(validated(), None)
+    await updater(blocker / "models.json", pub, init=True).on_model_validated(validated(), None)
     [failed] = pub.on(subjects.MODEL_UPDATE_FAILED)
     assert failed.error.startswith(("NotADirectoryError", "FileExistsError"))
     assert text(blocker) == ""
 
 
-async def test_a_missing_config_is_created_from_the_base(tmp_path: Path):
-    path = tmp_path / "config" / "models.json"
+async def test_a_missing_config_is_refused_with_the_fix(tmp_path: Path):
+    path = tmp_path / "config" / "modles.json"  # a typo in --config
     pub = Recorder()
     await updater(path, pub).on_model_validated(validated(), None)
+    assert not path.exists() and not path.parent.exists()
+    assert pub.on(subjects.MODEL_UPDATED) == []
+    [failed] = pub.on(subjects.MODEL_UPDATE_FAILED)
+    assert failed.error == (
+        f"ConfigError: config {path} does not exist; check --config (or MINDX_CONFIG), "
+        "or pass --init-config to create it"
+    )
+
+
+async def test_a_missing_config_is_created_from_the_base_when_asked(tmp_path: Path):
+    path = tmp_path / "config" / "models.json"
+    pub = Recorder()
+    await updater(path, pub, init=True).on_model_validated(validated(), None)
     assert json.loads(text(path)) == {
         "brain": {"left": "mindx-left-1"},
         "models": [{"name": "mindx-left-1"}],

@@ -220,7 +220,7 @@ def test_every_directory_a_run_makes_is_private(tmp_path: Path) -> None:
     with OllamaDouble() as ollama:
         done = mindx("memory", "import", str(SHARED_DATA / "multiwoz.memory.jsonl"), *where, ws=ws)
         assert done.returncode == 0, done.stderr
-        done = mindx("train", "--run-once", "--ollama", ollama.url, *where, ws=ws)
+        done = mindx("train", "--run-once", "--init-config", "--ollama", ollama.url, *where, ws=ws)
         assert done.returncode == 0, done.stderr
     config = ws / "c" / "d" / "models.json"
     assert config.exists() and (ws / "e" / "f" / "wm.json").exists()

@@ -17,6 +17,7 @@ import pytest
 from services import cli
 from shared import subjects
 from shared.messages import ModelUpdated
+from tests.ollama_double import Fault
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = sorted(SHARED_DATA.glob("*.memory.jsonl"))
@@ -195,11 +196,11 @@ async def test_failed_run_leaves_config_and_watermark(
     ws = workspace(tmp_path, DATASETS[:1])
     config_path = ws / "config" / "models.json"
     before = config_path.read_bytes()
-    # the base model the run asks for is not on the server: validation of the base fails
+    # the server refuses every chat: validation of the base fails
+    ollama_double.faults.add("/api/chat", Fault.error(400, "model runner crashed"), times=10_000)
     rc = await run_cli(
-        "train", "--run-once", "--json", "--model", "missing:1b",
-        *argv(ws, nats_server.url, ollama_double.url),
-    )  # fmt: skip
+        "train", "--run-once", "--json", *argv(ws, nats_server.url, ollama_double.url)
+    )
     report = json.loads(capsys.readouterr().out)
     assert rc == 1
     assert report["status"] == "failed" and report["error"]

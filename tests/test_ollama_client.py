@@ -178,6 +178,34 @@ async def test_create_from_unknown_base_fails_after_pulling_manifest(
     assert ollama_double.count("/api/create") == 1
 
 
+async def test_pull_reports_progress_and_installs_the_model() -> None:
+    seen: list[CreateProgress] = []
+    with OllamaDouble(embed_models=()) as d:
+        async with client(d) as c:
+            with pytest.raises(ModelNotFound):
+                await c.show("qllama/bge-small-zh-v1.5")
+            await c.pull("qllama/bge-small-zh-v1.5", on_progress=seen.append)
+            assert (await c.show("qllama/bge-small-zh-v1.5")).capabilities == ["embedding"]
+    assert seen[0].status == "pulling manifest" and seen[-1].status == "success"
+    assert any(p.total and p.completed == p.total for p in seen)
+
+
+async def test_pull_of_an_unknown_name_raises_the_registry_answer_without_retry(
+    ollama_double: OllamaDouble,
+) -> None:
+    async with client(ollama_double) as c:
+        with pytest.raises(BackendError, match="pull model manifest: file does not exist"):
+            await c.pull("ghost:7b")
+    assert ollama_double.count("/api/pull") == 1  # the stream had started: not re-sent
+
+
+async def test_pull_retried_when_failing_before_output(ollama_double: OllamaDouble) -> None:
+    ollama_double.faults.add("/api/pull", Fault.error(503))
+    async with client(ollama_double) as c:
+        await c.pull(BASE)
+    assert ollama_double.count("/api/pull") == 2
+
+
 async def test_create_stream_without_success_line_raises(ollama_double: OllamaDouble) -> None:
     ollama_double.faults.add("/api/create", Fault.cut())
     async with client(ollama_double) as c:

@@ -289,3 +289,46 @@ def test_standalone_server_runs_with_latency(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --- pull ---------------------------------------------------------------------------------------
+def test_pull_streams_layers_then_installs_the_model() -> None:
+    with OllamaDouble(embed_models=()) as d, httpx.Client(base_url=d.url, timeout=10) as http:
+        assert http.post("/api/show", json={"model": EMBEDDER}).status_code == 404
+        r = http.post("/api/pull", json={"model": "qllama/bge-small-zh-v1.5"})  # tag: latest
+        assert r.status_code == 200
+        lines = ndjson(r)
+        assert lines[0] == {"status": "pulling manifest"}
+        layers = [x for x in lines if "digest" in x]
+        assert layers and all(x["digest"].startswith("sha256:") and x["total"] for x in layers)
+        assert "completed" not in layers[0] and layers[-1]["completed"] == layers[-1]["total"]
+        assert [x["status"] for x in lines[-3:]] == [
+            "verifying sha256 digest",
+            "writing manifest",
+            "success",
+        ]
+        assert http.post("/api/show", json={"model": EMBEDDER}).status_code == 200
+
+
+def test_pull_of_a_name_the_registry_lacks_fails_after_the_manifest_line(
+    http: httpx.Client,
+) -> None:
+    r = http.post("/api/pull", json={"model": "ghost:7b"})
+    assert r.status_code == 200
+    assert ndjson(r) == [
+        {"status": "pulling manifest"},
+        {"error": "pull model manifest: file does not exist"},
+    ]
+    r = http.post("/api/pull", json={"model": "ghost:7b", "stream": False})
+    assert (r.status_code, r.json()) == (500, {"error": "pull model manifest: file does not exist"})
+    assert http.post("/api/pull", json={"model": "bad name"}).json() == {
+        "error": "invalid model name"
+    }
+    assert http.get("/api/pull").status_code == 405
+
+
+def test_pull_without_streaming_answers_one_object() -> None:
+    with OllamaDouble(embed_models=()) as d, httpx.Client(base_url=d.url, timeout=10) as http:
+        r = http.post("/api/pull", json={"model": EMBEDDER, "stream": False})
+        assert (r.status_code, r.json()) == (200, {"status": "success"})
+        assert d.find(EMBEDDER) is not None

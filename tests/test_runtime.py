@@ -190,6 +190,20 @@ async def test_is_a_backend_with_a_version(unloaded: LocalBackend) -> None:
     assert (await unloaded.version()).startswith("local-")
 
 
+async def test_shows_and_pulls_only_what_it_has(unloaded: LocalBackend) -> None:
+    # the preflight asks show() for both models, and pull() for a missing one
+    shown = await unloaded.show("all-minilm-l6-v2")
+    assert shown.capabilities == ["embedding"]
+    assert "completion" in (await unloaded.show(BASE)).capabilities
+    seen: list[CreateProgress] = []
+    await unloaded.pull(BASE, on_progress=seen.append)
+    assert [p.status for p in seen] == ["success"]
+    with pytest.raises(ModelNotFound, match="the local backend downloads nothing"):
+        await unloaded.pull("qllama/bge-small-zh-v1.5")
+    with pytest.raises(ModelNotFound):
+        await unloaded.show("qllama/bge-small-zh-v1.5")
+
+
 @pytest.mark.slow
 async def test_greedy_answers_are_deterministic(backend: LocalBackend) -> None:
     question = [user("What is the capital of France?")]

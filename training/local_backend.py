@@ -280,6 +280,27 @@ class LocalBackend:
             return EmbedSource("sentence-transformers", path.resolve())
         raise not_found(f'model "{model}" not found, try pulling it first')
 
+    def _is_embedding(self, model: str) -> bool:
+        if model.lower() in bundled.EMBED_NAMES:
+            return True
+        path = Path(model).expanduser()
+        return path.is_dir() and (path / "modules.json").is_file()
+
+    async def pull(self, model: str, *, on_progress: ProgressCallback | None = None) -> None:
+        """Nothing is downloaded: a model this backend has is already here, any other is 404."""
+        try:
+            await self.show(model)
+        except ModelNotFound:
+            raise not_found(
+                f"the local backend downloads nothing: '{model}' is not a bundled model "
+                f"({bundled.CHAT_NAMES[0]}, {bundled.EMBED_NAMES[0]}), a GGUF file or a "
+                "model directory"
+            ) from None
+        if on_progress is not None:
+            result = on_progress(CreateProgress(status="success"))
+            if inspect.isawaitable(result):
+                await result
+
     async def embed(self, model: str, inputs: list[str]) -> list[list[float]]:
         source = self._embed_source(model)
         embedder = await asyncio.to_thread(load_embedder, source, self.device)
@@ -400,6 +421,12 @@ class LocalBackend:
         return f"sha256:{hexd}"
 
     async def show(self, model: str) -> ShowResponse:
+        if self._is_embedding(model):  # Ollama shows embedding models like any other
+            self._embed_dir(model)
+            return ShowResponse(
+                details=ModelDetails(format="safetensors", family="bert"),
+                capabilities=["embedding"],
+            )
         record = self._lookup(model)
         source = self._source(record)
         meta = await asyncio.to_thread(read_metadata, source)
