@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="the models runs created, with their lineage (* live)")
     _common(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON array instead of the table")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("dlq", help="dead-lettered messages")

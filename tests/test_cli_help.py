@@ -16,6 +16,8 @@ import pytest
 
 from services import app, cli
 from services.status import mindx_version
+from shared.backend import CreateRequest
+from shared.ollama import OllamaClient
 
 
 def parsers(
@@ -138,6 +140,8 @@ async def test_rollback_as_json_and_the_bus_it_uses(
     config.write_text('{"brain": {"left": "mindx-x:1"}}')
     shutil.copy(config, config.parent / "models.json.backup.20250101_000000")
     config.write_text('{"brain": {"left": "mindx-y:2"}}')
+    async with OllamaClient(ollama_double.url) as client:  # rollback restores an existing model
+        await client.create(CreateRequest(model="mindx-x:1", from_="qwen3:0.6b"))
     argv = ["rollback", "--json", "-v", "--workspace", str(tmp_path)]
     argv += ["--nats", nats_server.url, "--ollama", ollama_double.url]
     assert await asyncio.to_thread(cli.main, argv) == 0
