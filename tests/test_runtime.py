@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import re
 from pathlib import Path
 
@@ -194,6 +195,8 @@ async def test_shows_and_pulls_only_what_it_has(unloaded: LocalBackend) -> None:
     # the preflight asks show() for both models, and pull() for a missing one
     shown = await unloaded.show("all-minilm-l6-v2")
     assert shown.capabilities == ["embedding"]
+    if importlib.util.find_spec(bundled.MULTILINGUAL_EMBED_PACKAGE):  # the `zh` extra
+        assert (await unloaded.show("use-multilingual-v3")).capabilities == ["embedding"]
     assert "completion" in (await unloaded.show(BASE)).capabilities
     seen: list[CreateProgress] = []
     await unloaded.pull(BASE, on_progress=seen.append)

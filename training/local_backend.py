@@ -281,7 +281,7 @@ class LocalBackend:
         raise not_found(f'model "{model}" not found, try pulling it first')
 
     def _is_embedding(self, model: str) -> bool:
-        if model.lower() in bundled.EMBED_NAMES:
+        if model.lower() in (*bundled.EMBED_NAMES, *bundled.MULTILINGUAL_EMBED_NAMES):
             return True
         path = Path(model).expanduser()
         return path.is_dir() and (path / "modules.json").is_file()
@@ -422,7 +422,7 @@ class LocalBackend:
 
     async def show(self, model: str) -> ShowResponse:
         if self._is_embedding(model):  # Ollama shows embedding models like any other
-            self._embed_dir(model)
+            self._embed_source(model)  # 404 when its package is missing
             return ShowResponse(
                 details=ModelDetails(format="safetensors", family="bert"),
                 capabilities=["embedding"],
