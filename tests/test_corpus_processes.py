@@ -95,6 +95,8 @@ async def service(common: list[str]) -> asyncio.subprocess.Process:
     )  # fmt: skip
     assert proc.stderr is not None
     line = await asyncio.wait_for(proc.stderr.readline(), 60)
+    while b"warning" in line:  # the preflight's (e.g. nothing to train on yet)
+        line = await asyncio.wait_for(proc.stderr.readline(), 60)
     assert b"serving collector, trainer" in line, line
     return proc
 
@@ -125,7 +127,9 @@ async def test_acked_points_survive_stats_imports_and_a_killed_service(
 ) -> None:
     data = tmp_path / "data"
     common = ["--nats", nats_server.url, "--data-dir", str(data)]
+    # the config updater of `serve all` may create its config here (none exists yet)
     serve_flags = [*common, "--ollama", ollama_double.url]
+    serve_flags += ["--config", str(tmp_path / "models.json"), "--init-config"]
     imported = tmp_path / "import.jsonl"
     imported.write_text(
         "\n".join(msgspec.json.encode(point(i)).decode() for i in range(101, 161)) + "\n"

@@ -347,7 +347,7 @@ def test_mindx_models_on_the_embedded_server_marks_the_live_model(
     (ws / "data" / "memory" / "m.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     where = ["--workspace", str(ws), "--watermark", "wm.json", "--ollama", ollama_double.url]
     assert mindx("models", "--json", *where).stdout.strip() == "[]"  # none yet, no bucket
-    run = mindx("train", "--run-once", "--json", *where)
+    run = mindx("train", "--run-once", "--json", "--init-config", *where)
     report = json.loads(run.stdout)
     assert run.returncode == 0 and report["status"] == "success", run.stderr
     listed = json.loads(mindx("models", "--json", *where).stdout)
