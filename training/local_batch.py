@@ -26,6 +26,7 @@ from training.local_models import (
     Prompt,
     eos_ids,
     finish,
+    generate_ids,
     pad_id,
     prefix_cache,
     prepare,
@@ -226,6 +227,50 @@ def _stopped(tok: Any, new: list[int], stops: Sequence[str]) -> bool:
         return False
     text = tok.decode(new, skip_special_tokens=True)
     return any(s in text for s in stops)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a batched answer leaves the one-at-a-time answer, seen from the latter."""
+
+    step: int  # the first generated token that differs
+    alone: str  # the token generated alone ("" for the end of the answer)
+    runner_up: str  # the second most likely token there
+    margin: float  # the logit lead of `alone` over `runner_up`
+    batched: str  # how the batched answer goes on from there
+
+
+def explain_difference(
+    loaded: Loaded,
+    messages: Sequence[ChatMessage],
+    opts: GenerationOptions,
+    batched_text: str,
+    *,
+    template: str = "",
+) -> Divergence | None:
+    """Generate the chat alone, greedily, and find the step where `batched_text` departs from
+    it; None when the batched text is the answer generated alone."""
+    tok = loaded.tokenizer
+    prompt = prepare(loaded, messages, opts, template)
+    new, logits = generate_ids(loaded, prompt, opts, scores=True)
+    if finish(loaded, new, opts)[0] == batched_text:
+        return None
+    eos = eos_ids(loaded)
+    for k, token in enumerate(new):
+        head = tok.decode(new[:k], skip_special_tokens=True)
+        text = tok.decode(new[: k + 1], skip_special_tokens=True)
+        if batched_text.startswith(text) and token not in eos and k + 1 < len(new):
+            continue
+        top = logits[k].float().topk(2)
+        first, second = (int(i) for i in top.indices)
+        return Divergence(
+            step=k,
+            alone="" if token in eos else tok.decode([first]),
+            runner_up="" if second in eos else tok.decode([second]),
+            margin=float(top.values[0] - top.values[1]),
+            batched=batched_text[len(head) :][:40],
+        )
+    return None
 
 
 @dataclass

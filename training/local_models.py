@@ -371,15 +371,27 @@ def generate(
     default_seed: int = 42,
 ) -> tuple[str, str, int, int]:
     """Blocking generation of one chat: (text, done_reason, prompt tokens, generated tokens)."""
+    prompt = prepare(loaded, messages, opts, template)
+    if prompt.max_new <= 0:
+        return "", "length", len(prompt.ids), 0
+    new, _ = generate_ids(loaded, prompt, opts, default_seed=default_seed)
+    text, reason, n_eval = finish(loaded, new, opts)
+    return text, reason, len(prompt.ids), n_eval
+
+
+def generate_ids(
+    loaded: Loaded,
+    prompt: Prompt,
+    opts: GenerationOptions,
+    *,
+    default_seed: int = 42,
+    scores: bool = False,
+) -> tuple[list[int], list[Any]]:
+    """The generated token ids of one prompt and, if asked, the logits of every step."""
     import torch
     from transformers import StoppingCriteriaList
 
     tok, model = loaded.tokenizer, loaded.model
-    prompt = prepare(loaded, messages, opts, template)
-    prompt_len = len(prompt.ids)
-    if prompt.max_new <= 0:
-        return "", "length", prompt_len, 0
-
     eos = eos_ids(loaded)
     kwargs: dict[str, Any] = {
         "max_new_tokens": prompt.max_new,
@@ -395,8 +407,10 @@ def generate(
         kwargs["repetition_penalty"] = opts.repeat_penalty
     if opts.stop:
         kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [_StopOnText(tok, opts.stop, prompt_len)]
+            [_StopOnText(tok, opts.stop, len(prompt.ids))]
         )
+    if scores:
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
 
     ids = torch.tensor([prompt.ids], device=model.device)
     with COMPUTE, torch.inference_mode():
@@ -404,5 +418,6 @@ def generate(
             kwargs["cache"] = copy.deepcopy(prefix_cache(loaded, prompt.ids[: prompt.prefix]))
         torch.manual_seed(opts.seed if opts.seed is not None else default_seed)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    text, reason, n_eval = finish(loaded, out[0, prompt_len:].tolist(), opts)
-    return text, reason, prompt_len, n_eval
+    if not scores:
+        return out[0, len(prompt.ids) :].tolist(), []
+    return out.sequences[0, len(prompt.ids) :].tolist(), [step[0] for step in out.logits]

@@ -1,0 +1,214 @@
+"""Batched greedy generation in the local backend.
+
+The collector is tested with a stand-in for the model; the answers are tested on the real
+SmolLM2-135M-Instruct: chats gathered into one batch must answer exactly as they do alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services import pipeline
+from services.collector import pairs_from_point
+from services.memory_adapter import read_memory_file
+from shared.backend import ChatMessage, ChatResponse, CreateRequest
+from shared.bundled import chat_gguf
+from shared.messages import Pair
+from training import local_batch
+from training.local_backend import LocalBackend
+from training.local_batch import ChatBatcher, batchable, explain_difference
+from training.local_models import Source, load_model, prepare
+from training.local_semantics import GenerationOptions, ModelRecord, build_prompt_messages
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "memory" / "sample.memory.jsonl"
+GREEDY = GenerationOptions(num_predict=8)
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+# --- the collector, with a stand-in model ---------------------------------------------------------
+
+
+class FakeModel:
+    """Answers each chat with its last message; records the batches it was given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.started = threading.Event()  # a batch is generating
+        self.release = threading.Event()  # the batch may finish
+        self.release.set()
+        self.fail = False
+
+    def __call__(
+        self,
+        loaded: Any,
+        chats: Sequence[Sequence[ChatMessage]],
+        opts: GenerationOptions,
+        *,
+        template: str = "",
+    ) -> list[tuple[str, str, int, int]]:
+        self.batches.append([c[-1].content for c in chats])
+        self.started.set()
+        self.release.wait(10)
+        if self.fail:
+            raise RuntimeError("out of memory")
+        return [(f"{loaded}:{c[-1].content}", "stop", len(c), opts.num_predict) for c in chats]
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeModel:
+    model = FakeModel()
+    monkeypatch.setattr(local_batch, "generate_batch", model)
+    return model
+
+
+async def test_chats_started_together_form_one_batch_and_keep_their_order(
+    fake: FakeModel,
+) -> None:
+    batcher = ChatBatcher()
+    answers = await asyncio.gather(
+        *(batcher.generate("m", [user(str(i))], GREEDY) for i in range(5))
+    )
+    assert [a[0] for a in answers] == [f"m:{i}" for i in range(5)]
+    assert fake.batches == [["0", "1", "2", "3", "4"]] and batcher.batch_sizes == [5]
+
+
+async def test_models_templates_and_options_split_batches_but_seeds_do_not(
+    fake: FakeModel,
+) -> None:
+    batcher = ChatBatcher()
+    longer = GenerationOptions(num_predict=9)
+    calls = [
+        batcher.generate("m", [user("a")], GenerationOptions(num_predict=8, seed=1)),
+        batcher.generate("m", [user("b")], GenerationOptions(num_predict=8, seed=2)),
+        batcher.generate("other", [user("c")], GREEDY),
+        batcher.generate("m", [user("d")], longer),
+        batcher.generate("m", [user("e")], GREEDY, "{{ messages }}"),
+        batcher.generate("m", [user("f")], GenerationOptions(num_predict=8, temperature=-1)),
+    ]
+    answers = await asyncio.gather(*calls)
+    assert [a[0] for a in answers] == ["m:a", "m:b", "other:c", "m:d", "m:e", "m:f"]
+    assert sorted(fake.batches) == [["a", "b", "f"], ["c"], ["d"], ["e"]]
+
+
+async def test_chats_arriving_during_a_batch_wait_and_form_the_next(fake: FakeModel) -> None:
+    batcher = ChatBatcher()
+    fake.release.clear()
+    first = asyncio.ensure_future(batcher.generate("m", [user("1")], GREEDY))
+    await asyncio.to_thread(fake.started.wait, 10)
+    later = [asyncio.ensure_future(batcher.generate("m", [user(x)], GREEDY)) for x in "234"]
+    await asyncio.sleep(0.05)
+    fake.release.set()
+    await asyncio.gather(first, *later)
+    assert fake.batches == [["1"], ["2", "3", "4"]]
+
+
+async def test_a_failed_batch_fails_each_of_its_chats(fake: FakeModel) -> None:
+    batcher = ChatBatcher()
+    fake.fail = True
+    results = await asyncio.gather(
+        *(batcher.generate("m", [user(x)], GREEDY) for x in "ab"), return_exceptions=True
+    )
+    assert all(isinstance(r, RuntimeError) for r in results)
+    fake.fail = False
+    assert (await batcher.generate("m", [user("c")], GREEDY))[0] == "m:c"  # it recovers
+
+
+async def test_a_cancelled_chat_leaves_the_queue(fake: FakeModel) -> None:
+    batcher = ChatBatcher()
+    fake.release.clear()
+    first = asyncio.ensure_future(batcher.generate("m", [user("1")], GREEDY))
+    await asyncio.to_thread(fake.started.wait, 10)
+    gone = asyncio.ensure_future(batcher.generate("m", [user("gone")], GREEDY))
+    kept = asyncio.ensure_future(batcher.generate("m", [user("kept")], GREEDY))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    fake.release.set()
+    await asyncio.gather(first, kept)
+    assert fake.batches == [["1"], ["kept"]]
+
+
+def test_only_greedy_chats_without_repeat_penalty_are_batched() -> None:
+    assert batchable(GenerationOptions(temperature=0.0, seed=7))
+    assert not batchable(GenerationOptions(temperature=0.7))  # a seeded draw per chat
+    assert not batchable(GenerationOptions(repeat_penalty=1.1))
+
+
+def test_batched_generation_refuses_sampling() -> None:
+    with pytest.raises(ValueError, match="greedy"):
+        local_batch.generate_batch(None, [], GenerationOptions(temperature=0.5))  # type: ignore[arg-type]
+
+
+# --- the real model ------------------------------------------------------------------------------
+
+
+def sample_pairs() -> list[Pair]:
+    points, errors = read_memory_file(SAMPLE)
+    assert not errors
+    pairs = [p for point in points for p in pairs_from_point(point)]
+    return sorted(pairs, key=lambda p: (p.point_id, p.turn))
+
+
+async def answers(
+    backend: LocalBackend, model: str, prompts: list[str], options: dict[str, Any]
+) -> list[ChatResponse]:
+    calls = [backend.chat(model, [user(p)], options=options) for p in prompts]
+    if backend.batcher is not None:
+        return list(await asyncio.gather(*calls))
+    return [await call for call in calls]
+
+
+@pytest.mark.slow
+async def test_batched_answers_are_the_one_at_a_time_answers(tmp_path: Path) -> None:
+    """Real prompts from the demo's memory, on the base model and on a message-mode model with
+    baked examples (its long prefix's KV cache is shared by the batch's rows). Per-row stops: the
+    second run cuts answers at the first full stop, so rows finish at different steps."""
+    pairs = sample_pairs()
+    prompts = [p.prompt for p in pairs[1::97][:8]]
+    examples = pipeline.few_shot_messages(pairs[::50], 10, max_chars=1500)
+    alone = LocalBackend(tmp_path / "models", batch=False)
+    batched = LocalBackend(tmp_path / "models", batch=True)
+    system = "You are the user's personal assistant. Answer the way the examples do."
+    await alone.create(
+        CreateRequest(model="personal", from_="smollm2:135m", system=system, messages=examples)
+    )
+    runs = [
+        ("smollm2:135m", {"temperature": 0, "seed": 42, "num_predict": 32}),
+        ("personal", {"temperature": 0, "seed": 42, "num_predict": 32, "stop": ["."]}),
+    ]
+    records = {
+        "smollm2:135m": ModelRecord(name="smollm2:135m", base="smollm2:135m"),
+        "personal": ModelRecord(
+            name="personal", base="smollm2:135m", system=system, messages=examples
+        ),
+    }
+    loaded = load_model(Source("gguf", chat_gguf()), [], alone.device, None)
+    baked = build_prompt_messages(records["personal"], [user(prompts[0])])
+    assert prepare(loaded, baked, GREEDY, "").prefix > 0  # the batch shares the prefix cache
+    for model, options in runs:
+        one = await answers(alone, model, prompts, options)
+        many = await answers(batched, model, prompts, options)
+        assert batched.batcher is not None and batched.batcher.batch_sizes[-1] == len(prompts)
+        differ = []
+        for prompt, a, b in zip(prompts, one, many, strict=True):
+            got = (b.message.content, b.done_reason, b.prompt_eval_count, b.eval_count)
+            if got == (a.message.content, a.done_reason, a.prompt_eval_count, a.eval_count):
+                continue
+            opts = GenerationOptions(num_predict=32, stop=tuple(options.get("stop", ())))
+            messages = build_prompt_messages(records[model], [user(prompt)])
+            why = explain_difference(loaded, messages, opts, b.message.content)
+            differ.append((prompt, why))
+        # fp32 sums may round differently in a padded batch; only a near tie may flip a token
+        assert all(why is not None and why.margin < 1e-3 for _, why in differ), differ
+        assert len(differ) <= len(prompts) // 4, differ
+    # the stop run: rows finished at different steps, some on the stop text
+    assert len({a.eval_count for a in one}) > 1
+    assert any(r.done_reason == "stop" for r in many)
