@@ -147,6 +147,48 @@ def test_batched_generation_refuses_sampling() -> None:
         local_batch.generate_batch(None, [], GenerationOptions(temperature=0.5))  # type: ignore[arg-type]
 
 
+# --- attention over a shared prefix --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_prefix_attention_equals_attention_over_the_whole_sequence(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of 6 and 4 tokens (the second left padded) after a 7-token prefix they share; 4 query
+    heads on 2 key/value heads. Each real query must get what plain attention over prefix + row
+    gives; a padding query must stay finite (its keys and values are masked for everyone)."""
+    import torch
+
+    if not fused:
+        monkeypatch.setattr(local_batch, "_fused_cpu_attention", lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    b, hq, hkv, prefix, width, d = 2, 4, 2, 7, 6, 8
+    query = torch.randn(b, hq, width, d, generator=gen)
+    key, value = (torch.randn(b, hkv, width, d, generator=gen) for _ in range(2))
+    pk, pv = (torch.randn(1, hkv, prefix, d, generator=gen) for _ in range(2))
+    valid = torch.tensor([[True] * 6, [False] * 2 + [True] * 4])
+    causal = torch.ones(width, width).tril().bool()
+    allowed = valid[:, None, None, :] & causal[None, None]
+    mask = torch.where(allowed, 0.0, float("-inf"))
+    shared = local_batch.SharedPrefix(keys=[pk], values=[pv], mask=mask)
+    module = type("Attention", (), {"layer_idx": 0})()
+
+    out, _ = local_batch._shared_prefix_attention(
+        module, query, key, value, None, scaling=0.3, shared_prefix=shared
+    )
+
+    assert out.shape == (b, width, hq, d) and torch.isfinite(out).all()
+    for row in range(b):
+        keys = torch.cat([pk[0], key[row]], dim=1).repeat_interleave(hq // hkv, dim=0)
+        values = torch.cat([pv[0], value[row]], dim=1).repeat_interleave(hq // hkv, dim=0)
+        full = torch.cat([torch.ones(width, prefix, dtype=torch.bool), allowed[row, 0]], dim=1)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            query[row], keys, values, attn_mask=full, scale=0.3
+        )
+        real = valid[row]
+        assert torch.allclose(out[row].transpose(0, 1)[:, real], want[:, real], atol=1e-5)
+
+
 # --- the real model ------------------------------------------------------------------------------
 
 

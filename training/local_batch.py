@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +39,14 @@ if TYPE_CHECKING:
 
 Generated = tuple[str, str, int, int]  # text, done_reason, prompt tokens, generated tokens
 
-GATHER_S = 0.005  # how long the first chat of a batch waits for the others of an asyncio.gather
+GATHER_S = 0.05  # how long the first chat of a batch waits for the chats started with it
 
 # Finished rows leave the batch once this share of it is finished: dropping them copies the
 # cache, keeping them costs a row of compute per step.
 COMPACT_SHARE = 0.25
+# A batch's KV cache holds every row's prompt and answer; larger groups are split to stay
+# within this (20 validation chats of a model with 6000 characters of examples take ~2 GB).
+KV_BUDGET_BYTES = 4 << 30
 
 
 def batchable(opts: GenerationOptions) -> bool:
@@ -58,7 +62,8 @@ def generate_batch(
     template: str = "",
 ) -> list[Generated]:
     """Blocking greedy generation of every chat, in their order. Chats are grouped by their
-    shared prefix (none, or a created model's); each group is one batch."""
+    shared prefix (none, or a created model's); each group is one batch, split only when its
+    cache would outgrow `KV_BUDGET_BYTES`."""
     if not batchable(opts):
         raise ValueError("batched generation is greedy and without repeat penalty")
     prompts = [prepare(loaded, messages, opts, template) for messages in chats]
@@ -69,11 +74,31 @@ def generate_batch(
             results[i] = ("", "length", len(p.ids), 0)
         else:
             groups[tuple(p.ids[: p.prefix])].append(i)
-    for prefix, rows in groups.items():
-        outs = _decode(loaded, list(prefix), [prompts[i] for i in rows], opts)
-        for i, out in zip(rows, outs, strict=True):
-            results[i] = out
+    per_position = _kv_bytes_per_position(loaded)
+    for prefix, group in groups.items():
+        positions = max(len(prompts[i].ids) + prompts[i].max_new for i in group)
+        size = max(1, KV_BUDGET_BYTES // (positions * per_position))
+        for start in range(0, len(group), size):
+            rows = group[start : start + size]
+            outs = _decode(loaded, list(prefix), [prompts[i] for i in rows], opts)
+            for i, out in zip(rows, outs, strict=True):
+                results[i] = out
     return [r for r in results if r is not None]
+
+
+def _kv_shape(loaded: Loaded) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of the model's attention."""
+    config = loaded.model.config
+    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+    return int(config.num_hidden_layers), heads, head_dim
+
+
+def _kv_bytes_per_position(loaded: Loaded) -> int:
+    layers, heads, head_dim = _kv_shape(loaded)
+    return 2 * layers * heads * head_dim * loaded.model.dtype.itemsize
 
 
 def _slab_layer_class() -> type:
@@ -81,13 +106,14 @@ def _slab_layer_class() -> type:
 
     class SlabLayer(DynamicLayer):
         """Keys and values in buffers sized for the whole generation: a step writes its token
-        in place, where the default layer concatenates (copying the whole cache every step)."""
+        in place, where the default layer concatenates (copying the whole cache every step).
+        `offset` positions before the buffer belong to a prefix kept elsewhere."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, offset: int) -> None:
             super().__init__()
             self.device = keys.device
             self.is_initialized = True
-            self.slab_k, self.slab_v, self.length = keys, values, length
+            self.slab_k, self.slab_v, self.offset, self.length = keys, values, offset, 0
             self._views()
 
         def _views(self) -> None:
@@ -105,7 +131,7 @@ def _slab_layer_class() -> type:
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
-            return self.length
+            return self.offset + self.length
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             self.slab_k, self.slab_v = self.slab_k[indices], self.slab_v[indices]
@@ -114,27 +140,125 @@ def _slab_layer_class() -> type:
     return SlabLayer
 
 
-def _new_cache(loaded: Loaded, prefix: Any, rows: int, prefix_len: int, total: int) -> Any:
-    """A cache of `rows` rows with room for `total` positions, the prefix's keys in every row."""
+def _new_cache(loaded: Loaded, rows: int, offset: int, size: int) -> Any:
     import torch
     from transformers.cache_utils import Cache
 
-    config = loaded.model.config
-    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    head_dim = int(
-        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    )
-    dtype, device = loaded.model.dtype, loaded.model.device
+    n_layers, heads, head_dim = _kv_shape(loaded)
+    model = loaded.model
     layer_class = _slab_layer_class()
     layers = []
-    for i in range(config.num_hidden_layers):
-        k = torch.empty(rows, heads, total, head_dim, dtype=dtype, device=device)
-        v = torch.empty_like(k)
-        if prefix_len:
-            k[:, :, :prefix_len] = prefix.layers[i].keys
-            v[:, :, :prefix_len] = prefix.layers[i].values
-        layers.append(layer_class(k, v, prefix_len))
+    for _ in range(n_layers):
+        k = torch.empty(rows, heads, size, head_dim, dtype=model.dtype, device=model.device)
+        layers.append(layer_class(k, torch.empty_like(k), offset))
     return Cache(layers=layers)
+
+
+# The rows of a batch share a prefix's keys and values: each row's queries meet them in one
+# product per key/value head instead of every row carrying a copy of them (which, at 20 rows,
+# makes every step read ~2 GB on a model with 6000 characters of examples).
+SHARED_PREFIX_ATTENTION = "mindx_shared_prefix"
+
+
+@dataclass
+class SharedPrefix:
+    keys: list[Any]  # per layer, [1, heads, prefix, head size]
+    values: list[Any]
+    mask: Any = None  # additive, [rows, 1, queries, row keys], set before each forward
+
+
+def _shared_prefix_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    shared_prefix: SharedPrefix | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Softmax attention over the shared prefix and each row's own keys, joined by their
+    log-sum-exps. `key` and `value` hold the rows' own positions only."""
+    import torch
+
+    if shared_prefix is None:
+        raise RuntimeError("shared-prefix attention called without its prefix")
+    b, hq, q, d = query.shape
+    hkv = key.shape[1]
+    rep = hq // hkv
+    scale = scaling if scaling is not None else d**-0.5
+    grouped = query.reshape(b, hkv, rep * q, d)  # query head h reads key/value head h // rep
+
+    pk = shared_prefix.keys[module.layer_idx]  # [1, hkv, prefix, d]
+    pv = shared_prefix.values[module.layer_idx]
+    folded = grouped.transpose(0, 1).reshape(1, hkv, b * rep * q, d)
+    o_p, lse_p = _attend(folded, pk, pv, None, scale)
+    o_p = o_p.reshape(hkv, b, rep * q, d).transpose(0, 1)
+    lse_p = lse_p.reshape(hkv, b, rep * q, 1).transpose(0, 1)
+
+    mask = shared_prefix.mask.repeat(1, 1, rep, 1)  # [b, 1, rep * q, n]
+    o_r, lse_r = _attend(grouped, key, value, mask, scale)
+    seen = torch.isfinite(mask).any(dim=-1, keepdim=True)  # a padding query sees no key
+    lse_r = torch.where(seen, lse_r, float("-inf"))
+    o_r = torch.where(seen, o_r, 0.0)
+
+    lse = torch.logaddexp(lse_p, lse_r)
+    out = o_p * torch.exp(lse_p - lse) + o_r * torch.exp(lse_r - lse)
+    return out.reshape(b, hq, q, d).transpose(1, 2).contiguous(), None
+
+
+def _fused_cpu_attention() -> Any:
+    """torch's CPU flash attention, which also returns the log-sum-exp (None if missing)."""
+    import torch
+
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp ([..., queries, 1]); `mask` is additive."""
+    import torch
+
+    fused = _fused_cpu_attention() if query.device.type == "cpu" else None
+    if fused is not None:  # no score matrix in memory, and several times faster
+        out, lse = fused(query, key, value, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse[..., None]
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0))
+    return torch.matmul(weights, value), lse
+
+
+_registered = False
+
+
+def _register_attention() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
+        _registered = True
+
+
+@contextmanager
+def _attention(model: Any, name: str | None) -> Iterator[None]:
+    """The model computes attention with `name` meanwhile (call with COMPUTE held)."""
+    if name is None:
+        yield
+        return
+    _register_attention()
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 @dataclass
@@ -147,6 +271,8 @@ class _Row:
 def _decode(
     loaded: Loaded, prefix: list[int], prompts: list[Prompt], opts: GenerationOptions
 ) -> list[Generated]:
+    """One batch: the rows' own tokens (after the shared prefix) left padded to one width, then
+    a token per row per step until every row is done."""
     import torch
 
     model, tok = loaded.model, loaded.tokenizer
@@ -156,65 +282,82 @@ def _decode(
     suffixes = [q.ids[p:] for q in prompts]
     width = max(len(s) for s in suffixes)
     steps = max(q.max_new for q in prompts)
-    total = p + width + steps
     b = len(prompts)
 
     ids = torch.full((b, width), pad_id(loaded), dtype=torch.long)
-    mask = torch.zeros((b, total), dtype=torch.long)
-    mask[:, :p] = 1
+    valid = torch.zeros((b, width + steps), dtype=torch.bool)  # real tokens among the rows'
     positions = torch.zeros((b, width), dtype=torch.long)
     for i, s in enumerate(suffixes):
         ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, p + width - len(s) : p + width] = 1
+        valid[i, width - len(s) : width] = True
         positions[i, width - len(s) :] = torch.arange(p, p + len(s))
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    ids, valid, positions = ids.to(device), valid.to(device), positions.to(device)
 
     rows = [_Row(q, []) for q in prompts]
     live = list(range(b))  # rows still in the batch, in batch order
     with COMPUTE, torch.inference_mode():
-        shared = prefix_cache(loaded, prefix) if p else None
-        cache = _new_cache(loaded, shared, b, p, total)
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask[:, : p + width],
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        last = positions[:, -1]
-        for step in range(steps):
-            chosen = logits.argmax(dim=-1).tolist()
-            for slot, i in enumerate(live):
-                row = rows[i]
-                if row.done:
-                    continue
-                row.new.append(chosen[slot])
-                row.done = (
-                    chosen[slot] in eos
-                    or len(row.new) >= row.prompt.max_new
-                    or _stopped(tok, row.new, opts.stop)
+        extra: dict[str, Any] = {}
+        if p:
+            shared = prefix_cache(loaded, prefix)
+            extra["shared_prefix"] = SharedPrefix(
+                keys=[layer.keys for layer in shared.layers],
+                values=[layer.values for layer in shared.layers],
+            )
+        cache = _new_cache(loaded, b, p, width + steps)
+
+        def forward(tokens: torch.Tensor, start: int, pos: torch.Tensor, **kw: Any) -> Any:
+            """Logits of the last of `tokens`, written at row column `start` onward."""
+            end = start + tokens.shape[1]
+            if p:
+                causal = (
+                    torch.arange(end, device=device)[None, :]
+                    <= torch.arange(start, end, device=device)[:, None]
                 )
-            if all(rows[i].done for i in live):
-                break
-            col = p + width + step
-            finished = [slot for slot, i in enumerate(live) if rows[i].done]
-            if len(finished) >= max(1, COMPACT_SHARE * len(live)):
-                keep = [slot for slot, i in enumerate(live) if not rows[i].done]
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, last = mask[index], last[index]
-                chosen = [chosen[slot] for slot in keep]
-                live = [live[slot] for slot in keep]
-            mask[:, col] = 1
-            last = last + 1
-            logits = model(
-                input_ids=torch.tensor(chosen, device=device)[:, None],
-                attention_mask=mask[:, : col + 1],
-                position_ids=last[:, None],
+                allowed = valid[:, None, None, :end] & causal[None, None]
+                zero = torch.zeros((), dtype=model.dtype, device=device)
+                extra["shared_prefix"].mask = torch.where(allowed, zero, float("-inf"))
+                mask = None
+            else:
+                mask = valid[:, :end].long()
+            return model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=pos,
                 cache=cache,
                 use_cache=True,
+                **extra,
+                **kw,
             ).logits[:, -1]
+
+        with _attention(model, SHARED_PREFIX_ATTENTION if p else None):
+            logits = forward(ids, 0, positions, logits_to_keep=1)
+            last = positions[:, -1]
+            for step in range(steps):
+                chosen = logits.argmax(dim=-1).tolist()
+                for slot, i in enumerate(live):
+                    row = rows[i]
+                    if row.done:
+                        continue
+                    row.new.append(chosen[slot])
+                    row.done = (
+                        chosen[slot] in eos
+                        or len(row.new) >= row.prompt.max_new
+                        or _stopped(tok, row.new, opts.stop)
+                    )
+                if all(rows[i].done for i in live):
+                    break
+                finished = [slot for slot, i in enumerate(live) if rows[i].done]
+                if len(finished) >= max(1, COMPACT_SHARE * len(live)):
+                    keep = [slot for slot, i in enumerate(live) if not rows[i].done]
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    valid, last = valid[index], last[index]
+                    chosen = [chosen[slot] for slot in keep]
+                    live = [live[slot] for slot in keep]
+                valid[:, width + step] = True
+                last = last + 1
+                tokens = torch.tensor(chosen, device=device)[:, None]
+                logits = forward(tokens, width + step, last[:, None])
     out: list[Generated] = []
     for row in rows:
         text, reason, n_eval = finish(loaded, row.new, opts)
