@@ -196,6 +196,10 @@ class LocalBackend:
             return ModelRecord(name=model, base=str(source.path))
         raise not_found(f"model '{model}' not found")
 
+    def record(self, model: str) -> ModelRecord:
+        """What a chat with `model` is built from: a created model's record, or a bare base."""
+        return self._lookup(model)
+
     def _source(self, record: ModelRecord) -> Source:
         base = record.base
         if base.lower() in bundled.CHAT_NAMES:

@@ -350,6 +350,12 @@ def prefix_cache(loaded: Loaded, prefix: Sequence[int]) -> Any:
     return cache
 
 
+def clear_prefix_caches() -> None:
+    """Forget every prefix's KV cache (benchmarks start each stage cold)."""
+    with COMPUTE:
+        _PREFIX_CACHES.clear()
+
+
 def finish(loaded: Loaded, new: list[int], opts: GenerationOptions) -> tuple[str, str, int]:
     """(text, done_reason, generated tokens) of a continuation: an end token is dropped and the
     text is cut before the earliest stop sequence."""
