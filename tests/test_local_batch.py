@@ -45,7 +45,7 @@ class FakeModel:
         self.started = threading.Event()  # a batch is generating
         self.release = threading.Event()  # the batch may finish
         self.release.set()
-        self.fail = False
+        self.fail_on: str | None = None  # a batch holding this message fails
 
     def __call__(
         self,
@@ -58,8 +58,8 @@ class FakeModel:
         self.batches.append([c[-1].content for c in chats])
         self.started.set()
         self.release.wait(10)
-        if self.fail:
-            raise RuntimeError("out of memory")
+        if any(c[-1].content == self.fail_on for c in chats):
+            raise RuntimeError("template error")
         return [(f"{loaded}:{c[-1].content}", "stop", len(c), opts.num_predict) for c in chats]
 
 
@@ -111,14 +111,17 @@ async def test_chats_arriving_during_a_batch_wait_and_form_the_next(fake: FakeMo
     assert fake.batches == [["1"], ["2", "3", "4"]]
 
 
-async def test_a_failed_batch_fails_each_of_its_chats(fake: FakeModel) -> None:
+async def test_a_chat_that_fails_fails_alone(fake: FakeModel) -> None:
     batcher = ChatBatcher()
-    fake.fail = True
+    fake.fail_on = "bad"
     results = await asyncio.gather(
-        *(batcher.generate("m", [user(x)], GREEDY) for x in "ab"), return_exceptions=True
+        *(batcher.generate("m", [user(x)], GREEDY) for x in ("a", "bad", "b")),
+        return_exceptions=True,
     )
-    assert all(isinstance(r, RuntimeError) for r in results)
-    fake.fail = False
+    assert results[0][0] == "m:a" and results[2][0] == "m:b"  # type: ignore[index]
+    assert isinstance(results[1], RuntimeError)
+    assert fake.batches == [["a", "bad", "b"], ["a"], ["bad"], ["b"]]  # retried one by one
+    fake.fail_on = None
     assert (await batcher.generate("m", [user("c")], GREEDY))[0] == "m:c"  # it recovers
 
 
