@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from training.local_semantics import GenerationOptions
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 Generated = tuple[str, str, int, int]  # text, done_reason, prompt tokens, generated tokens
 
@@ -457,6 +460,10 @@ class ChatBatcher:
             self._runner = asyncio.create_task(self._run())
         return await job.answer
 
+    @property
+    def queued(self) -> int:
+        return sum(len(jobs) for jobs in self._queues.values())
+
     async def _run(self) -> None:
         try:
             await asyncio.sleep(self.gather_s)
@@ -481,6 +488,7 @@ class ChatBatcher:
             if not jobs:
                 continue
             self.batch_sizes.append(len(jobs))
+            log.debug("generating a batch of %d chats (%d queued)", len(jobs), self.queued)
             try:
                 await self._answer(loaded, jobs, opts, template)
             except Exception:  # one bad chat (say, a message its template rejects) fails alone
