@@ -23,7 +23,7 @@ from shared.messages import Pair
 from training import local_batch
 from training.local_backend import LocalBackend
 from training.local_batch import ChatBatcher, batchable, explain_difference
-from training.local_models import Source, load_model, prepare
+from training.local_models import Source, generate_ids, load_model, prepare
 from training.local_semantics import GenerationOptions, ModelRecord, build_prompt_messages
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "memory" / "sample.memory.jsonl"
@@ -257,3 +257,19 @@ async def test_batched_answers_are_the_one_at_a_time_answers(tmp_path: Path) -> 
     # the stop run: rows finished at different steps, some on the stop text
     assert len({a.eval_count for a in one}) > 1
     assert any(r.done_reason == "stop" for r in many)
+
+
+@pytest.mark.slow
+def test_a_differing_answer_is_explained_at_its_first_differing_token() -> None:
+    loaded = load_model(Source("gguf", chat_gguf()), [], "cpu", None)
+    messages = [user("What is the capital of France?")]
+    opts = GenerationOptions(num_predict=12)
+    prompt = prepare(loaded, messages, opts, "")
+    new, _ = generate_ids(loaded, prompt, opts)
+    text = loaded.tokenizer.decode(new, skip_special_tokens=True)
+    head = loaded.tokenizer.decode(new[:3], skip_special_tokens=True)
+
+    assert explain_difference(loaded, messages, opts, text) is None
+    why = explain_difference(loaded, messages, opts, head + " Zorblax")
+    assert why is not None and why.step == 3 and why.margin > 0
+    assert why.alone == loaded.tokenizer.decode(new[3:4]) and why.batched == " Zorblax"
