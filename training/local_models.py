@@ -274,7 +274,6 @@ def pad_id(loaded: Loaded) -> int:
 class Prompt:
     """A chat ready to generate from: its tokens, after Ollama's truncation to `num_ctx`."""
 
-    conversation: list[dict[str, str]]
     ids: list[int]
     max_new: int  # tokens it may generate: num_predict within the model's positions
     prefix: int  # leading tokens shared with every chat of the same model (0: none)
@@ -296,6 +295,7 @@ def _encode(
 def prepare(
     loaded: Loaded, messages: Sequence[ChatMessage], opts: GenerationOptions, chat_template: str
 ) -> Prompt:
+    """Tokens of the chat within the context window, and how many it may generate."""
     template = chat_template or None
     conversation = [{"role": m.role, "content": m.content} for m in messages]
     max_positions = int(getattr(loaded.model.config, "max_position_embeddings", 0) or opts.num_ctx)
@@ -306,15 +306,14 @@ def prepare(
     ids = _encode(loaded, conversation, template, prompt=True)
     room = max_positions - len(ids)
     max_new = room if opts.num_predict < 0 else min(opts.num_predict, room)
-    return Prompt(
-        conversation, ids, max(max_new, 0), _prefix_length(loaded, conversation, ids, template)
-    )
+    return Prompt(ids, max(max_new, 0), _prefix_length(loaded, conversation, ids, template))
 
 
 # A created model's SYSTEM and baked messages open every chat with the same long prefix; its
-# KV cache is computed once and reused by every chat (generation extends a copy), which spares
-# re-reading thousands of tokens per validation case on a CPU. Every chat with a long enough
-# prefix goes through this path, so greedy answers stay reproducible.
+# KV cache is computed once and reused by every chat (a chat generated alone extends a copy, a
+# batch attends to it in place), which spares re-reading thousands of tokens per validation case
+# on a CPU. Every chat with a long enough prefix goes through this path, so greedy answers stay
+# reproducible.
 PREFIX_CACHE_MIN_TOKENS = 128
 _PREFIX_CACHES: OrderedDict[tuple[int, tuple[int, ...]], Any] = OrderedDict()
 
