@@ -157,8 +157,14 @@ async def _validator(bus: Any, res: Resources) -> list[Any]:
     from services import validator
 
     backend, embedder = await res.backend(), await res.embedder()
-    system = res.settings.app_system_prompt
-    return [await validator.serve(bus, backend, embedder, system=system)]
+    s = res.settings
+    # One case at a time, except where concurrent cases batch (the local backend).
+    concurrency = s.cases_in_flight(s.held_out) if s.backend == "local" else 1
+    return [
+        await validator.serve(
+            bus, backend, embedder, system=s.app_system_prompt, concurrency=concurrency
+        )
+    ]
 
 
 async def _config_updater(bus: Any, res: Resources) -> list[Any]:

@@ -193,9 +193,11 @@ async def serve(
     *,
     system: str | None = None,
     name: str | None = None,
+    concurrency: int = 1,
 ) -> Service:
     """Join the validator queue group; returns the bus service handle. `system` is the one
-    system prompt a case may carry (the configured `app_system_prompt`)."""
+    system prompt a case may carry (the configured `app_system_prompt`); up to `concurrency`
+    cases are scored at once."""
     name = name or worker_name()
 
     async def handle(case: ValidationCase) -> ValidationResult:
@@ -206,5 +208,9 @@ async def serve(
         return await score_case(case, backend, embedder, name=name)
 
     return await bus.reply(
-        subjects.VALIDATION_CASE, ValidationCase, handle, queue=subjects.VALIDATOR_QUEUE
+        subjects.VALIDATION_CASE,
+        ValidationCase,
+        handle,
+        queue=subjects.VALIDATOR_QUEUE,
+        concurrency=concurrency,
     )

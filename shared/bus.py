@@ -543,15 +543,17 @@ class Bus(Storage, DeadLetters):
         *,
         queue: str | None = None,
         grace: float = 5.0,
+        concurrency: int = 1,
     ) -> Service:
-        """Answer requests on `subject`; with `queue`, responders share the requests. On stop,
-        the requests already taken get `grace` seconds to be answered."""
+        """Answer requests on `subject`; with `queue`, responders share the requests. Up to
+        `concurrency` requests are answered at once. On stop, the requests already taken get
+        `grace` seconds to be answered."""
 
         async def fail(msg: Msg, code: str, text: str) -> None:
             headers = {ERROR_HEADER: _header_text(text), ERROR_CODE_HEADER: code}
             await self._nc.publish(msg.reply, b"", headers=headers)
 
-        async def on_msg(msg: Msg) -> None:
+        async def answer(msg: Msg) -> None:
             if not msg.reply:
                 log.warning("request on %s without a reply subject; ignored", msg.subject)
                 return
@@ -561,7 +563,7 @@ class Bus(Storage, DeadLetters):
                 await fail(msg, "400", f"decode: {exc}")
                 return
             try:
-                answer = await handler(request)
+                reply = await handler(request)
             except Rejected as exc:
                 log.warning("refused a request on %s: %s", msg.subject, exc)
                 await fail(msg, "403", f"refused: {exc}")
@@ -570,15 +572,37 @@ class Bus(Storage, DeadLetters):
                 log.exception("responder for %s failed", msg.subject)
                 await fail(msg, "500", repr(exc))
                 return
-            await msg.respond(encode(answer))
+            await msg.respond(encode(reply))
+
+        slots = asyncio.Semaphore(max(1, concurrency))
+        answering: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            answering.discard(task)
+            slots.release()
+
+        async def on_msg(msg: Msg) -> None:
+            if concurrency <= 1:
+                await answer(msg)
+                return
+            await slots.acquire()  # full: the next requests wait in the subscription's queue
+            task = asyncio.create_task(answer(msg))
+            answering.add(task)
+            task.add_done_callback(done)
 
         sub = await self._denials.subscribe(self._nc, subject, queue, on_msg)
 
         async def stop() -> None:
             # Take no more requests, and answer those already taken for up to `grace` seconds
             # (their requesters would otherwise wait their whole timeout, then ask again).
+            started = asyncio.get_running_loop().time()
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 await asyncio.wait_for(sub.drain(), grace)
+            left = grace - (asyncio.get_running_loop().time() - started)
+            if answering:
+                _, late = await asyncio.wait(set(answering), timeout=max(left, 0.0))
+                for task in late:
+                    task.cancel()
 
         return self._track(Service(f"reply:{subject}", stop))
 

@@ -185,6 +185,14 @@ class Settings:
             return self.embed_model
         return DEFAULT_LOCAL_EMBED_MODEL if self.backend == "local" else DEFAULT_OLLAMA_EMBED_MODEL
 
+    def cases_in_flight(self, cases: int) -> int:
+        """Validation cases of one model sent at once. The local backend generates concurrent
+        greedy chats of a model as one batch, where fewer in flight only make smaller batches:
+        there, all of them; elsewhere `validation_concurrency`."""
+        if self.backend == "local":
+            return max(self.validation_concurrency, cases)
+        return self.validation_concurrency
+
     # --- loading ----------------------------------------------------------------------------
     @classmethod
     def load(

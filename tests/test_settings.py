@@ -195,3 +195,11 @@ def test_settings_never_show_a_password_or_token() -> None:
     assert "hunter2" not in shown and "s3cret" not in shown
     assert "nats://alice:***@bus:4222" in shown and "nats_user='bob'" in shown
     assert "t0k" not in repr(Settings(nats="nats://t0k@bus:4222", nats_token="t0k"))
+
+
+def test_the_local_backend_keeps_every_validation_case_of_a_model_in_flight() -> None:
+    # its concurrent chats of one model are generated as one batch
+    assert Settings(backend="local").cases_in_flight(20) == 20
+    assert Settings(backend="local", validation_concurrency=32).cases_in_flight(20) == 32
+    assert Settings(backend="ollama").cases_in_flight(20) == 4
+    assert Settings(backend="ollama", validation_concurrency=8).cases_in_flight(20) == 8
