@@ -151,7 +151,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "--validation-concurrency",
         dest="validation_concurrency",
         type=int,
-        help="cases in flight at once (default 4; raise it with more validators)",
+        help="cases in flight at once (default 4; raise it with more validators; "
+        "--backend local sends all of a model's cases at once: they batch)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     lg = p.add_argument_group("lora")

@@ -14,12 +14,19 @@ from typing import Any
 
 import pytest
 
-from services import pipeline
+from services import app, pipeline
 from services.collector import pairs_from_point
 from services.memory_adapter import read_memory_file
+from services.trainer import Run, Trainer
+from services.validator import validate_cases
+from shared import subjects
 from shared.backend import ChatMessage, ChatResponse, CreateRequest
 from shared.bundled import chat_gguf
-from shared.messages import Pair
+from shared.bus import Bus
+from shared.embeddings import Embedder
+from shared.messages import Pair, RunRecord, RunReport, TrainingRequested
+from shared.settings import Settings
+from shared.subjects import RunNames
 from training import local_batch
 from training.local_backend import LocalBackend
 from training.local_batch import ChatBatcher, batchable, explain_difference
@@ -148,6 +155,69 @@ def test_only_greedy_chats_without_repeat_penalty_are_batched() -> None:
 def test_batched_generation_refuses_sampling() -> None:
     with pytest.raises(ValueError, match="greedy"):
         local_batch.generate_batch(None, [], GenerationOptions(temperature=0.5))  # type: ignore[arg-type]
+
+
+# --- the pipeline's validate stages, with a stand-in for batched generation -------------------
+
+
+class Batches:
+    """Answers every chat of a batch; records each batch's size."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(
+        self, loaded: Any, chats: Sequence[Sequence[ChatMessage]], opts: Any, *, template: str = ""
+    ) -> list[tuple[str, str, int, int]]:
+        self.sizes.append(len(chats))
+        return [(f"About {c[-1].content}", "stop", 10, 3) for c in chats]
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> Batches:
+    stand_in = Batches()
+    monkeypatch.setattr(local_batch, "generate_batch", stand_in)
+    return stand_in
+
+
+RUN_ID = "20260101_000000"
+
+
+def local_settings(tmp_path: Path) -> Settings:
+    return Settings(backend="local", data_dir=tmp_path / "data", held_out=12)
+
+
+async def test_the_trainer_scoring_in_process_batches_every_case_of_a_model(
+    tmp_path: Path, bus: Bus, batches: Batches
+) -> None:
+    settings = local_settings(tmp_path)
+    backend = LocalBackend(settings.data_path / "models")
+    embedder = Embedder(backend, settings.embedding_model)
+    trainer = Trainer(bus, settings, backend, embedder, None)  # type: ignore[arg-type]  # no corpus
+    run = Run(RunNames(RUN_ID), TrainingRequested(request_id="q"), settings, RunReport(), bus)
+    held_out = sample_pairs()[: settings.held_out]
+    # no validator listening: the trainer scores the cases itself, all of them at once
+    results = await trainer._validate(run, "validate_base", settings.base_model, held_out)
+    assert [r.case_id for r in results] == list(range(12)) and not any(r.error for r in results)
+    assert batches.sizes == [12]
+
+
+async def test_a_local_validator_batches_the_cases_it_is_sent_together(
+    tmp_path: Path, bus: Bus, batches: Batches
+) -> None:
+    settings = local_settings(tmp_path)
+    record = RunRecord(
+        run_id=RUN_ID, stage="running", mode="message", base_model="smollm2:135m", new_model="new"
+    )
+    await bus.put_record(subjects.RUNS, RUN_ID, record)
+    cases = pipeline.validation_cases(RUN_ID, "smollm2:135m", sample_pairs()[:12], settings)
+    async with app.resources(settings) as res:
+        await app.start(bus, res, ["validator"])
+        results = await validate_cases(
+            bus, cases, concurrency=settings.cases_in_flight(len(cases)), timeout_s=60
+        )
+    assert all(r.validator and not r.error for r in results), results
+    assert batches.sizes == [12]
 
 
 # --- attention over a shared prefix --------------------------------------------------------------
