@@ -281,7 +281,8 @@ async def serve(
         why = refusal(case, record, system)
         if why is not None:
             if record is not None:  # its trainer may be waiting: an answer it does not retry
-                await bus.publish(run.result_subject, _error(case, f"refused: {why}", name))
+                refused = _error(case, f"refused: {why}", name)
+                await bus.publish(run.result_subject, refused)
             raise Rejected(why)
         with gathered.member():  # its embedding waits for those of the cases beside it
             result = await score_case(case, backend, gathered, name=name)
