@@ -9,6 +9,7 @@ model. The k validators are `mindx serve validator` processes on one bus (each w
   - one validator process (the speed-up ratios for 2, 4 and 8 are against it).
 
     python -m bench.bench_validation [--cases 40] [--latency 1.0] [--validators 1,2,4,8]
+                                     [--validator-concurrency 5]
 """
 
 from __future__ import annotations
@@ -83,13 +84,13 @@ async def original_loop(url: str, cases: list[ValidationCase]) -> float:
 
 
 def start_validators(
-    k: int, nats_url: str, ollama_url: str, workdir: Path
+    k: int, nats_url: str, ollama_url: str, workdir: Path, per: int
 ) -> list[subprocess.Popen]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable, "-m", "services.cli", "serve", "validator",
         "--nats", nats_url, "--ollama", ollama_url, "--embed-model", EMBED_MODEL,
-        "--data-dir", str(workdir),
+        "--data-dir", str(workdir), "--validator-concurrency", str(per),
     ]  # fmt: skip
     return [subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL) for _ in range(k)]
 
@@ -105,9 +106,11 @@ async def wait_for_validators(bus: Bus, k: int) -> None:
     raise RuntimeError(f"not all of {k} validators are pulling")
 
 
-async def with_processes(bus: Bus, k: int, nats_url: str, ollama_url: str, n: int) -> float:
+async def with_processes(
+    bus: Bus, k: int, nats_url: str, ollama_url: str, n: int, per: int
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        procs = start_validators(k, nats_url, ollama_url, Path(tmp))
+        procs = start_validators(k, nats_url, ollama_url, Path(tmp), per)
         try:
             await wait_for_validators(bus, k)
             await register(bus, f"k{k}")
@@ -135,7 +138,14 @@ async def main() -> None:
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--latency", type=float, default=1.0, help="seconds per backend call")
     ap.add_argument("--validators", default="1,2,4,8", help="validator counts, comma-separated")
+    ap.add_argument(
+        "--validator-concurrency",
+        type=int,
+        default=Settings().validator_concurrency,
+        help="cases each validator scores at once (default: the validators' own default)",
+    )
     args = ap.parse_args()
+    per = args.validator_concurrency
     n = args.cases
     counts = [int(k) for k in args.validators.split(",")]
     if counts[0] != 1:
@@ -152,14 +162,13 @@ async def main() -> None:
                 )
             ]
             for k in counts:
-                secs = await with_processes(bus, k, server.url, double.url, n)
+                secs = await with_processes(bus, k, server.url, double.url, n, per)
                 rows.append((f"{k} validator process(es)", secs))
             await bus.close()
         finally:
             await server.stop()
     orig = rows[0][1]
     one = rows[1][1]
-    per = Settings().validator_concurrency
     print(
         f"{platform.machine()} cpus={os.cpu_count()} cases={n} "
         f"latency={args.latency * 1000:.0f} ms/call validator-concurrency={per}"
