@@ -23,7 +23,7 @@ from shared.bus import Bus, Delivery, NoRespondersError
 from shared.embeddings import Embedder, EmbedGatherer
 from shared.messages import RunRecord, ValidationCase, ValidationResult
 from shared.ollama import OllamaClient
-from tests.ollama_double import Fault
+from tests.ollama_double import Fault, OllamaDouble
 
 EMBED = "qllama/bge-small-zh-v1.5:latest"
 RUN_ID = "20250101_120000"
@@ -111,6 +111,56 @@ async def test_validators_share_a_run_and_a_dead_one_costs_a_retry(
     assert taken, "the stuck validator took no case; the retry path was not exercised"
     # each case was asked once, the dead validator's case once more
     assert ollama_double.count("/api/chat") == 30
+
+
+async def test_a_dead_validators_case_comes_back_to_another_without_a_new_request(
+    nats_server: Any, bus: Bus, ollama_double: Any
+) -> None:
+    await register(bus)
+    stuck_bus = await Bus.connect(nats_server.url, name="stuck")
+    taken: list[int] = []
+
+    async def dies(case: ValidationCase, _: Delivery) -> None:
+        taken.append(case.case_id)
+        asyncio.get_running_loop().call_soon(asyncio.ensure_future, stuck_bus.nc.close())
+        await asyncio.Event().wait()
+
+    await stuck_bus.serve_concurrent(subjects.VALIDATOR, ValidationCase, dies, limit=1)
+    async with OllamaClient(ollama_double.url) as client:
+        asking = asyncio.create_task(
+            validate_cases(bus, cases(1), concurrency=1, timeout_s=60, attempts=1)
+        )
+        for _ in range(100):
+            if taken:
+                break
+            await asyncio.sleep(0.05)
+        await serve_validator(bus, client, Embedder(client, EMBED), name="healthy")
+        started = asyncio.get_running_loop().time()
+        [result] = await asyncio.wait_for(asking, 30)
+        waited = asyncio.get_running_loop().time() - started
+    assert taken == [0]
+    assert result.validator == "healthy" and result.score is not None
+    # the server handed it on once the dead one's ack_wait ran out, not after the 60 s timeout
+    assert waited <= subjects.VALIDATOR.ack_wait_s + 5
+
+
+async def test_a_slow_validator_leaves_the_cases_to_a_quick_one(
+    nats_server: Any, bus: Bus, ollama_double: Any
+) -> None:
+    await register(bus)
+    slow_bus = await Bus.connect(nats_server.url, name="slow")
+    with OllamaDouble(latency_s=1.0) as slow_double:
+        async with OllamaClient(ollama_double.url) as quick, OllamaClient(slow_double.url) as slow:
+            await serve_validator(slow_bus, slow, Embedder(slow, EMBED), name="slow", concurrency=1)
+            await serve_validator(bus, quick, Embedder(quick, EMBED), name="quick", concurrency=1)
+            try:
+                results = await validate_cases(bus, cases(12), concurrency=1, timeout_s=30)
+            finally:
+                await slow_bus.close()
+    by = [r.validator for r in results]
+    assert all(r.score is not None for r in results)
+    # a queue group would have given the slow one about half; it takes only what it can start
+    assert by.count("slow") <= 2 and by.count("quick") >= 10
 
 
 async def test_a_validator_takes_only_the_cases_it_has_room_for(
