@@ -158,11 +158,9 @@ async def _validator(bus: Any, res: Resources) -> list[Any]:
 
     backend, embedder = await res.backend(), await res.embedder()
     s = res.settings
-    # One case at a time, except where concurrent cases batch (the local backend).
-    concurrency = s.cases_in_flight(s.held_out) if s.backend == "local" else 1
     return [
         await validator.serve(
-            bus, backend, embedder, system=s.app_system_prompt, concurrency=concurrency
+            bus, backend, embedder, system=s.app_system_prompt, concurrency=s.validator_slots()
         )
     ]
 

@@ -63,6 +63,7 @@ from shared.bus_errors import (
     RequestTimeoutError,
 )
 from shared.bus_storage import Storage
+from shared.bus_work import QueueLoad, WorkQueues
 from shared.messages import decode, encode
 from shared.nats_client import Connecting, Denials, NatsAuth, redact_url
 from shared.subjects import (
@@ -85,6 +86,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "QueueLoad",
     "Rejected",
     "RemoteError",
     "RequestTimeoutError",
@@ -161,7 +163,7 @@ class Expect(Generic[T]):
 # --- the bus ------------------------------------------------------------------------------------
 
 
-class Bus(Storage, DeadLetters):
+class Bus(Storage, DeadLetters, WorkQueues):
     """A NATS connection with the project's streams, consumers and conventions."""
 
     def __init__(self, nc: Client, url: str, denials: Denials | None = None) -> None:
@@ -479,6 +481,7 @@ class Bus(Storage, DeadLetters):
             deliver_policy=DeliverPolicy.NEW if spec.deliver_new else DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait_s,
+            max_ack_pending=spec.max_ack_pending,
             # Unlimited on the server: we count deliveries ourselves, so a message whose
             # consumer keeps dying is dead-lettered instead of silently dropped.
             max_deliver=-1,
@@ -543,17 +546,15 @@ class Bus(Storage, DeadLetters):
         *,
         queue: str | None = None,
         grace: float = 5.0,
-        concurrency: int = 1,
     ) -> Service:
-        """Answer requests on `subject`; with `queue`, responders share the requests. Up to
-        `concurrency` requests are answered at once. On stop, the requests already taken get
-        `grace` seconds to be answered."""
+        """Answer requests on `subject`; with `queue`, responders share the requests. On stop,
+        the requests already taken get `grace` seconds to be answered."""
 
         async def fail(msg: Msg, code: str, text: str) -> None:
             headers = {ERROR_HEADER: _header_text(text), ERROR_CODE_HEADER: code}
             await self._nc.publish(msg.reply, b"", headers=headers)
 
-        async def answer(msg: Msg) -> None:
+        async def on_msg(msg: Msg) -> None:
             if not msg.reply:
                 log.warning("request on %s without a reply subject; ignored", msg.subject)
                 return
@@ -563,7 +564,7 @@ class Bus(Storage, DeadLetters):
                 await fail(msg, "400", f"decode: {exc}")
                 return
             try:
-                reply = await handler(request)
+                answer = await handler(request)
             except Rejected as exc:
                 log.warning("refused a request on %s: %s", msg.subject, exc)
                 await fail(msg, "403", f"refused: {exc}")
@@ -572,37 +573,15 @@ class Bus(Storage, DeadLetters):
                 log.exception("responder for %s failed", msg.subject)
                 await fail(msg, "500", repr(exc))
                 return
-            await msg.respond(encode(reply))
-
-        slots = asyncio.Semaphore(max(1, concurrency))
-        answering: set[asyncio.Task[None]] = set()
-
-        def done(task: asyncio.Task[None]) -> None:
-            answering.discard(task)
-            slots.release()
-
-        async def on_msg(msg: Msg) -> None:
-            if concurrency <= 1:
-                await answer(msg)
-                return
-            await slots.acquire()  # full: the next requests wait in the subscription's queue
-            task = asyncio.create_task(answer(msg))
-            answering.add(task)
-            task.add_done_callback(done)
+            await msg.respond(encode(answer))
 
         sub = await self._denials.subscribe(self._nc, subject, queue, on_msg)
 
         async def stop() -> None:
             # Take no more requests, and answer those already taken for up to `grace` seconds
             # (their requesters would otherwise wait their whole timeout, then ask again).
-            started = asyncio.get_running_loop().time()
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 await asyncio.wait_for(sub.drain(), grace)
-            left = grace - (asyncio.get_running_loop().time() - started)
-            if answering:
-                _, late = await asyncio.wait(set(answering), timeout=max(left, 0.0))
-                for task in late:
-                    task.cancel()
 
         return self._track(Service(f"reply:{subject}", stop))
 

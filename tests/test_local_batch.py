@@ -202,7 +202,7 @@ async def test_the_trainer_scoring_in_process_batches_every_case_of_a_model(
     assert batches.sizes == [12]
 
 
-async def test_a_local_validator_batches_the_cases_it_is_sent_together(
+async def test_a_local_validator_takes_all_of_a_models_cases_and_batches_them(
     tmp_path: Path, bus: Bus, batches: Batches
 ) -> None:
     settings = local_settings(tmp_path)

@@ -203,3 +203,6 @@ def test_the_local_backend_keeps_every_validation_case_of_a_model_in_flight() ->
     assert Settings(backend="local", validation_concurrency=32).cases_in_flight(20) == 32
     assert Settings(backend="ollama").cases_in_flight(20) == 4
     assert Settings(backend="ollama", validation_concurrency=8).cases_in_flight(20) == 8
+    assert Settings(backend="local", held_out=20).validator_slots() == 20
+    assert Settings(backend="local", validator_concurrency=32).validator_slots() == 32
+    assert Settings(backend="ollama", held_out=20).validator_slots() == 5
