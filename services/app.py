@@ -168,6 +168,14 @@ async def _config_updater(bus: Any, res: Resources) -> list[Any]:
     return await config_updater.serve(bus, res.settings, await res.backend())
 
 
+async def _forgetter(bus: Any, res: Resources) -> list[Any]:
+    from services import config_updater, forget
+
+    backend = await res.backend()
+    updater = config_updater.updater_for(bus, res.settings, backend)
+    return [await forget.serve(bus, res.settings, res.corpus(), backend, updater)]
+
+
 async def _lora_worker(bus: Any, res: Resources) -> list[Any]:
     from training import worker  # torch: loaded only where a worker runs
 
@@ -179,10 +187,11 @@ COMPONENTS: dict[str, Starter] = {
     "trainer": _trainer,
     "validator": _validator,
     "config-updater": _config_updater,
+    "forgetter": _forgetter,
     "lora-worker": _lora_worker,
 }
 # `all` is what one machine without a GPU needs; LoRA workers are started on purpose.
-ALL = ("collector", "trainer", "validator", "config-updater")
+ALL = ("collector", "trainer", "validator", "config-updater", "forgetter")
 
 
 async def start(bus: Any, res: Resources, names: Sequence[str]) -> list[Any]:

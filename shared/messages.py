@@ -65,6 +65,14 @@ class Pair(msgspec.Struct, kw_only=True, frozen=True):
     created_at: datetime | None = None
 
 
+class MemoryPointDeleted(Payload, kw_only=True, frozen=True):
+    """`memory.point.deleted`: the point `id` is to be forgotten everywhere (the corpus, the
+    MEMORY stream, run files and events, every model that holds it). Final for every version
+    of the point stored so far: only a version newer than the deletion is collected again."""
+
+    id: PointId
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -150,6 +158,7 @@ class ModelUpdated(Payload, kw_only=True, frozen=True):
     base_score: float | None = None  # the gate's mean scores; None on a rollback
     new_score: float | None = None
     restored_run_id: str | None = None  # a rollback: the run that built the restored model
+    reason: str = ""  # a switch no run asked for (forgetting a point): why
 
 
 class ModelUpdateFailed(Payload, kw_only=True, frozen=True):

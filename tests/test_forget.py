@@ -1,0 +1,205 @@
+"""The right to be forgotten, on a real nats-server and the strict Ollama double: a point baked
+into the live model is deleted, and afterwards no byte of its text is left under the data dir,
+in the NATS store or in any model of the backend; forged deletions change nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from services import config_updater, forget, trainer
+from services.collector import pairs_from_point
+from services.forget import Forgetter
+from shared import subjects
+from shared.bus import Bus
+from shared.embeddings import Embedder
+from shared.messages import MemoryPoint, MemoryPointDeleted, ModelLineage, ModelUpdated
+from shared.nats_server import EmbeddedNats
+from tests.ollama_double import OllamaDouble
+from tests.test_loop import BASE, Loop, loop, points
+
+pytestmark = pytest.mark.skipif(
+    not Path(__file__).resolve().parents[2].joinpath("shared", "data").is_dir(),
+    reason="../shared/data is not here",
+)
+
+
+def files_under(*roots: Path) -> Iterator[Path]:
+    for root in roots:
+        yield from (p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def holders(needle: bytes, *roots: Path) -> list[str]:
+    """Every file under `roots` whose raw bytes contain `needle`."""
+    return [str(p) for p in files_under(*roots) if needle in p.read_bytes()]
+
+
+def models_holding(double: OllamaDouble, text: str) -> list[str]:
+    with double.lock:
+        return [
+            m.name
+            for m in double.models.values()
+            if any(text in str(msg.get("content", "")) for msg in m.messages) or text in m.system
+        ]
+
+
+def distinctive(point: MemoryPoint, others: list[MemoryPoint]) -> str:
+    """The point's longest line of a pair that no other point's content holds (one line: raw
+    in every file, JSON escapes nothing in it)."""
+    lines = sorted(
+        (
+            line.strip()
+            for p in pairs_from_point(point)
+            for t in (p.prompt, p.completion)
+            for line in t.splitlines()
+        ),
+        key=len,
+        reverse=True,
+    )
+    for line in lines:
+        if len(line) >= 30 and not any(line in o.content for o in others if o.id != point.id):
+            return line
+    raise AssertionError(f"point {point.id} has no distinctive text")
+
+
+@dataclass
+class World:
+    lp: Loop
+    forgetter: Forgetter
+    server: EmbeddedNats
+
+
+@contextlib.asynccontextmanager
+async def world(
+    tmp_path: Path, bus: Bus, double: OllamaDouble, server: EmbeddedNats
+) -> AsyncIterator[World]:
+    async with loop(tmp_path, bus, double) as lp:
+        s = lp.settings
+        updater = config_updater.updater_for(bus, s, lp.client)
+        forgetter = Forgetter(bus, s, lp.corpus, lp.client, updater)
+        services = [
+            await forget.serve(bus, s, lp.corpus, lp.client, updater),
+            await trainer.serve(
+                bus, s, lp.client, Embedder(lp.client, s.embedding_model), lp.corpus
+            ),
+        ]
+        try:
+            yield World(lp, forgetter, server)
+        finally:
+            for svc in reversed(services):
+                await svc.stop()
+
+
+async def test_a_baked_point_leaves_no_trace(
+    tmp_path: Path, bus: Bus, ollama_double: OllamaDouble, nats_server: EmbeddedNats
+) -> None:
+    batch = points(0, 150)
+    async with world(tmp_path, bus, ollama_double, nats_server) as w:
+        lp = w.lp
+        await lp.add(batch)
+        report = await lp.run()
+        assert report.status == "success", report.decision_reason or report.error
+        live = report.new_model
+        assert lp.left() == live
+        baked = await lp.lineage(report)
+        by_id = {p.id: p for p in batch}
+        victim = by_id[baked.points[0].id]
+        text = distinctive(victim, batch)
+        needle = text.encode("utf-8")
+        data_dir, store = lp.settings.data_path, nats_server.store_dir
+        # the scan can fail: before the deletion the text is everywhere
+        before = holders(needle, data_dir, store)
+        assert any("train_data_" in h for h in before), before
+        assert any(h.endswith(".blk") for h in before), before
+        assert models_holding(ollama_double, text) == [live]
+        points_before = lp.corpus.stats()["points"]
+
+        updates: list[ModelUpdated] = []
+
+        async def seen(ev: ModelUpdated) -> None:
+            updates.append(ev)
+
+        watcher = await bus.subscribe(subjects.MODEL_UPDATED, ModelUpdated, seen)
+        try:
+            await bus.publish(subjects.MEMORY_POINT_DELETED, _deleted(victim.id))
+            await bus.wait_idle(subjects.FORGETTER, timeout=60)
+            await bus.wait_idle(subjects.TRAINER, timeout=120)  # the retrain without the point
+        finally:
+            await watcher.stop()
+
+        # switched away at once, announced, and the retired model is gone
+        assert lp.corpus.stats()["points"] == points_before - 1
+        assert lp.corpus.point_with_pairs(victim.id) == (None, [])
+        switch = next(u for u in updates if u.reason)
+        assert switch.previous_model == live and switch.model == BASE
+        assert f"memory point {victim.id}" in switch.reason
+        assert lp.left() != live and ollama_double.find(live) is None
+        assert live not in json.dumps(lp.config()["models"])
+        record = await bus.get_record(subjects.MODELS, report.run_id, ModelLineage)
+        assert record is not None and record.status == "retired"
+        assert f"memory point {victim.id}" in record.retired_reason
+        # the retrain ran without the point
+        retrains = [
+            x
+            for x in await _lineages(bus)
+            if x.run_id != report.run_id and x.created_at > record.created_at
+        ]
+        assert retrains and all(victim.id not in {pv.id for pv in x.points} for x in retrains)
+
+        # no trace: files of the data dir and of the NATS store, models of the backend
+        assert holders(needle, data_dir, store) == []
+        assert models_holding(ollama_double, text) == []
+        # the rest of memory is still there
+        other = by_id[baked.points[1].id] if len(baked.points) > 1 else batch[-1]
+        assert lp.corpus.point_with_pairs(other.id)[0] is not None
+
+        # a late copy of the deleted version stays out; a version after the deletion is new
+        await bus.publish(subjects.MEMORY_POINT_CREATED, victim)  # no message id: not deduplicated
+        await bus.wait_idle(subjects.COLLECTOR, timeout=60)
+        assert lp.corpus.point_with_pairs(victim.id)[0] is None
+        assert holders(needle, data_dir, store) == []  # erased from the stream too
+        again = await w.forgetter.forget(victim.id)  # forgotten already: nothing holds it
+        assert not again.found
+
+
+async def test_forged_deletions_are_dead_lettered_or_change_nothing(
+    tmp_path: Path, bus: Bus, ollama_double: OllamaDouble, nats_server: EmbeddedNats
+) -> None:
+    batch = points(0, 60)
+    async with world(tmp_path, bus, ollama_double, nats_server) as w:
+        lp = w.lp
+        await lp.add(batch)
+        stats, config = lp.corpus.stats(), lp.config()
+        forged = [
+            b'{"id": "12"}',  # not an integer
+            b'{"id": 1e400}',
+            b'{"id": 99999999999999999999999}',  # beyond SQLite's range
+            b'{"id": [1, 2]}',
+            b"not json",
+            b"{}",  # no id
+            json.dumps({"id": None, "pad": "x" * 500_000}).encode(),  # large
+        ]
+        for data in forged:
+            await bus.publish_raw(subjects.MEMORY_POINT_DELETED, data)
+        await bus.publish(subjects.MEMORY_POINT_DELETED, _deleted(10**15))  # nobody's id
+        await bus.wait_idle(subjects.FORGETTER, timeout=60)
+
+        letters = await bus.dead_letters(subject=subjects.MEMORY_POINT_DELETED)
+        assert len(letters) == len(forged), [x.error for x in letters]
+        assert all(x.error for x in letters)
+        assert lp.corpus.stats() == stats and lp.config() == config
+        assert not lp.corpus.forgotten(10**15)  # an unknown id leaves no tombstone
+        assert all(lp.corpus.point_with_pairs(p.id)[0] is not None for p in batch)
+
+
+def _deleted(point_id: int) -> MemoryPointDeleted:
+    return MemoryPointDeleted(id=point_id)
+
+
+async def _lineages(bus: Bus) -> list[ModelLineage]:
+    return list((await bus.list_records(subjects.MODELS, ModelLineage)).values())
