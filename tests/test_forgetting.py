@@ -164,9 +164,7 @@ def corpus_bytes(path: Path) -> bytes:
 def test_a_forgotten_point_leaves_no_byte_in_the_corpus_files(tmp_path: Path) -> None:
     path = tmp_path / "corpus.sqlite3"
     with Corpus.open(path) as corpus:
-        others = [
-            pt(i, f"User: question {i} about trains\nAssistant: answer {i}") for i in range(100, 150)
-        ]
+        others = [pt(i, f"User: question {i}\nAssistant: answer {i}") for i in range(100, 150)]
         older = pt(7, "User: where does my sister live?\nAssistant: in Lyon, I think", T0)
         for p in [*others, older]:
             corpus.upsert_point(p, pairs_from_point(p))
