@@ -21,7 +21,7 @@ from shared.embeddings import Embedder
 from shared.messages import MemoryPoint, MemoryPointDeleted, ModelLineage, ModelUpdated
 from shared.nats_server import EmbeddedNats
 from tests.ollama_double import OllamaDouble
-from tests.test_loop import BASE, Loop, loop, points
+from tests.test_loop import BASE, MULTIWOZ, Loop, loop, mindx, points
 
 pytestmark = pytest.mark.skipif(
     not Path(__file__).resolve().parents[2].joinpath("shared", "data").is_dir(),
@@ -203,3 +203,39 @@ def _deleted(point_id: int) -> MemoryPointDeleted:
 
 async def _lineages(bus: Bus) -> list[ModelLineage]:
     return list((await bus.list_records(subjects.MODELS, ModelLineage)).values())
+
+
+def test_mindx_forget_on_the_embedded_server(tmp_path: Path, ollama_double: OllamaDouble) -> None:
+    """The operator's command: as the operator role it publishes, as the service it forgets."""
+    ws = tmp_path / "ws"
+    memory = ws / "data" / "memory"
+    memory.mkdir(parents=True)
+    batch = points(0, 150)
+    (memory / "m.jsonl").write_text(
+        "\n".join(MULTIWOZ.read_text(encoding="utf-8").splitlines()[:150]) + "\n",
+        encoding="utf-8",
+    )
+    where = ["--workspace", str(ws), "--watermark", "wm.json", "--ollama", ollama_double.url]
+    run = mindx("train", "--run-once", "--json", "--init-config", *where)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    lineage = json.loads(mindx("models", "--json", *where).stdout)[0]
+    victim = next(p for p in batch if p.id == lineage["points"][0][0])
+    needle = distinctive(victim, batch).encode("utf-8")
+    mine = [ws / "data" / "training", ws / "data" / "nats", ws / "data" / "corpus.sqlite3"]
+    assert holders(needle, *[p.parent if p.is_file() else p for p in mine])
+
+    bad = mindx("forget", "12x", *where)
+    assert bad.returncode == 2 and "not an integer id" in bad.stderr
+    done = mindx("forget", str(victim.id), *where)
+    assert done.returncode == 0, done.stderr
+    assert f"forgot memory point(s) {victim.id} in " in done.stdout
+    config = json.loads((ws / "config" / "models.json").read_text())
+    assert config["brain"]["left"] == BASE != report["new_model"]
+    assert ollama_double.find(report["new_model"]) is None
+    stats = json.loads(mindx("corpus", "stats", "--json", *where).stdout)
+    assert stats["points"] == 149
+    # Memory's own export under data/memory is the app's input, not mindx's: left as it is
+    scanned = [p for p in (ws / "data").iterdir() if p.name != "memory"]
+    assert holders(needle, *[p for p in scanned if p.is_dir()]) == []
+    assert all(needle not in p.read_bytes() for p in scanned if p.is_file())
