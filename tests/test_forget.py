@@ -4,6 +4,7 @@ in the NATS store or in any model of the backend; forged deletions change nothin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,13 @@ from services.forget import Forgetter
 from shared import subjects
 from shared.bus import Bus
 from shared.embeddings import Embedder
-from shared.messages import MemoryPoint, MemoryPointDeleted, ModelLineage, ModelUpdated
+from shared.messages import (
+    MemoryPoint,
+    MemoryPointDeleted,
+    ModelLineage,
+    ModelUpdated,
+    encode,
+)
 from shared.nats_server import EmbeddedNats
 from tests.ollama_double import OllamaDouble
 from tests.test_loop import BASE, MULTIWOZ, Loop, loop, mindx, points
@@ -126,8 +133,7 @@ async def test_a_baked_point_leaves_no_trace(
 
         watcher = await bus.subscribe(subjects.MODEL_UPDATED, ModelUpdated, seen)
         try:
-            await bus.publish(subjects.MEMORY_POINT_DELETED, _deleted(victim.id))
-            await bus.wait_idle(subjects.FORGETTER, timeout=60)
+            await delete(bus, encode(_deleted(victim.id)))
             await bus.wait_idle(subjects.TRAINER, timeout=120)  # the retrain without the point
         finally:
             await watcher.stop()
@@ -186,8 +192,7 @@ async def test_forged_deletions_are_dead_lettered_or_change_nothing(
         ]
         for data in forged:
             await bus.publish_raw(subjects.MEMORY_POINT_DELETED, data)
-        await bus.publish(subjects.MEMORY_POINT_DELETED, _deleted(10**15))  # nobody's id
-        await bus.wait_idle(subjects.FORGETTER, timeout=60)
+        await delete(bus, encode(_deleted(10**15)))  # nobody's id
 
         letters = await bus.dead_letters(subject=subjects.MEMORY_POINT_DELETED)
         assert len(letters) == len(forged), [x.error for x in letters]
@@ -195,6 +200,17 @@ async def test_forged_deletions_are_dead_lettered_or_change_nothing(
         assert lp.corpus.stats() == stats and lp.config() == config
         assert not lp.corpus.forgotten(10**15)  # an unknown id leaves no tombstone
         assert all(lp.corpus.point_with_pairs(p.id)[0] is not None for p in batch)
+
+
+async def delete(bus: Bus, data: bytes) -> None:
+    """Publish a deletion and wait until the forgetter has acked it (and all before it)."""
+    ack = await bus.js.publish(subjects.MEMORY_POINT_DELETED, data)
+    async with asyncio.timeout(60):
+        while True:
+            info = await bus.js.consumer_info(subjects.FORGETTER.stream, subjects.FORGETTER.durable)
+            if info.ack_floor.stream_seq >= ack.seq:
+                return
+            await asyncio.sleep(0.02)
 
 
 def _deleted(point_id: int) -> MemoryPointDeleted:
