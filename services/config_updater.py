@@ -373,6 +373,7 @@ class ConfigUpdater:
                 await self._failed(run_id, exc)
                 return
             log.info("rolled back %s to %s (left: %s)", self.config_path, r.restored_from, r.model)
+            await self._drop_gone_entries(r.model)
             restored = self._restored(r.model)
             event = ModelUpdated(
                 run_id=run_id,
@@ -465,7 +466,7 @@ class ConfigUpdater:
             return
         try:
             record = await self.models.load(run_id)
-            if record is not None and record.status == "candidate":
+            if record is not None and record.status in ("candidate", "unconfirmed"):
                 await self.models.save(
                     msgspec.structs.replace(record, status="promoted", promoted_at=utc_now())
                 )
@@ -503,6 +504,24 @@ class ConfigUpdater:
                 )
         except Exception as exc:  # the update itself succeeded; the next one prunes again
             log.warning("retention of models in %s failed: %s", self.config_path, exc)
+
+    async def _drop_gone_entries(self, keep: str | None) -> None:
+        """After a restore: drop the `models` entries of models retired or rejected since the
+        backup was made (the backend no longer has them), except the restored left model."""
+        if self.models is None:
+            return
+        try:
+            gone = [
+                x.model
+                for x in await self.models.lineages()
+                if x.status in ("retired", "rejected") and not same_model(x.model, keep or "")
+            ]
+            config = read_config(self.config_path)
+            pruned = without_entries(config, gone)
+            if pruned != config:
+                write_config(self.config_path, pruned)
+        except Exception as exc:  # the rollback itself succeeded; the next update prunes again
+            log.warning("entries of retired models stay in %s: %s", self.config_path, exc)
 
     async def _check_restorable(self, backup: str) -> None:
         """ModelGone when the backup's left model is no longer on the backend."""

@@ -164,7 +164,7 @@ class Forgetter:
             with contextlib.suppress(ModelNotFound):
                 await self.backend.delete(record.model)  # BackendError: retried on redelivery
             out.retired.append(record.model)
-            if record.status in ("candidate", "promoted"):
+            if record.status in ("candidate", "promoted", "unconfirmed"):
                 await lineage.save(
                     self.bus,
                     msgspec.structs.replace(

@@ -424,6 +424,7 @@ class Trainer:
                 if outcome.startswith("config update failed"):  # no updater will apply it
                     await self._discard(run, outcome)
                 else:  # model.validated waits on the bus: the model must still be there
+                    run.lineage = msgspec.structs.replace(run.lineage, status="unconfirmed")
                     await lineage.save(self.bus, run.lineage, s.training_path)
 
     async def _incumbent(self, s: Settings) -> str | None:

@@ -21,8 +21,10 @@ RunStatus = Literal[
 ]
 RunStage = Literal["running", "validated", "finished"]
 # candidate: created, not (yet) live; promoted: made live by the gate; rejected: lost the gate
-# (deleted from the backend); retired: removed from the backend later (retention, forgetting)
-ModelStatus = Literal["candidate", "promoted", "rejected", "retired"]
+# (deleted from the backend); retired: removed from the backend later (retention, forgetting);
+# unconfirmed: won the gate, but no config updater answered in time (its model.validated waits
+# on the bus: promoted once an updater applies it)
+ModelStatus = Literal["candidate", "promoted", "rejected", "retired", "unconfirmed"]
 # SQLite's INTEGER range: an id beyond it could be published, but never stored by the collector.
 PointId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
