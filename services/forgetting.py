@@ -112,9 +112,9 @@ def lineage_holds(record: ModelLineage, point_id: int) -> bool:
 
 def still_held(decided: Plan, available: Collection[str]) -> bool:
     """Whether a model that holds the point is not retired yet: not marked, or on the backend."""
+    live = ("candidate", "promoted", "unconfirmed")
     return any(
-        x.status in ("candidate", "promoted", "unconfirmed") or any(same_model(x.model, m) for m in available)
-        for x in decided.retire
+        x.status in live or any(same_model(x.model, m) for m in available) for x in decided.retire
     )
 
 
