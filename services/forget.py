@@ -14,7 +14,7 @@ where its texts are read, goes last):
 4. the `training.completed`/`failed` events and the dead letters that hold it are erased (not
    re-published: a redacted copy would be a second announcement of a finished run);
 5. the object store's files of every affected run (a LoRA run's dataset, adapter and merged
-   model) are erased;
+   model) are erased, and a local LoRA worker's run dirs of those runs are deleted;
 6. the corpus drops the point for good (`Corpus.forget`: secure delete, WAL truncated) and keeps
    a tombstone: a late copy of a version up to the deletion is never stored again;
 7. when the live model was retired, a retrain without the point is requested.
@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from shared import subjects
 from shared.backend import ModelNotFound
 from shared.files import atomic_write, timestamp
 from shared.messages import MemoryPoint, MemoryPointDeleted, TrainingRequested, utc_now
+from shared.names import InvalidName, check_run_id
 from shared.subjects import RunNames
 
 if TYPE_CHECKING:
@@ -190,6 +192,7 @@ class Forgetter:
             )
         for run_id in sorted(runs):
             out.objects_erased += await self.bus.erase_objects(f"{run_id}/")
+        out.files_deleted += await asyncio.to_thread(self._drop_worker_runs, runs)
 
         # 6. the corpus, 7. a model without the point
         await asyncio.to_thread(self.corpus.forget, point_id, at)
@@ -269,6 +272,21 @@ class Forgetter:
                 path.unlink(missing_ok=True)
                 out.files_deleted.append(str(path))
         return runs
+
+    def _drop_worker_runs(self, runs: set[str]) -> list[str]:
+        """A LoRA worker on this machine keeps each run's dataset, checkpoints and adapters
+        under `<data-dir>/lora-worker/<run_id>`: those of the affected runs are deleted."""
+        work = self.settings.lora_work_path.resolve()
+        gone: list[str] = []
+        for run_id in sorted(runs):
+            try:
+                path = (work / check_run_id(run_id)).resolve()
+            except InvalidName:
+                continue
+            if path.parent == work and path.is_dir():
+                shutil.rmtree(path)
+                gone.append(str(path))
+        return gone
 
 
 def _run_of(path: Path, root: Path) -> str | None:

@@ -18,6 +18,7 @@ from services.collector import pairs_from_point
 from services.forget import Forgetter
 from shared import subjects
 from shared.bus import Bus
+from shared.bus_errors import ObjectNotFoundError
 from shared.embeddings import Embedder
 from shared.messages import (
     MemoryPoint,
@@ -255,3 +256,39 @@ def test_mindx_forget_on_the_embedded_server(tmp_path: Path, ollama_double: Olla
     scanned = [p for p in (ws / "data").iterdir() if p.name != "memory"]
     assert holders(needle, *[p for p in scanned if p.is_dir()]) == []
     assert all(needle not in p.read_bytes() for p in scanned if p.is_file())
+
+
+async def test_a_runs_objects_are_erased_byte_for_byte(
+    tmp_path: Path, bus: Bus, nats_server: EmbeddedNats
+) -> None:
+    """A LoRA run's dataset and artifacts travel through the object store: erased, the text is
+    gone from the store's files; another run's objects stay."""
+    secret = "Ingrid's flat is at 12 Quarry Lane, third floor"
+    dataset = tmp_path / "train_data.jsonl"
+    dataset.write_text(json.dumps({"c": secret}) * 2000)  # several chunks
+    other = tmp_path / "other.jsonl"
+    other.write_text("nothing personal")
+    await bus.put_object("20261129_000001/train_data.jsonl", dataset)
+    await bus.put_object("20261129_000001/adapter.gguf", other)
+    await bus.put_object("20261129_000002/train_data.jsonl", other)
+    assert holders(secret.encode(), nats_server.store_dir)  # the scan can fail
+    erased = await bus.erase_objects("20261129_000001/")
+    assert erased == ["20261129_000001/adapter.gguf", "20261129_000001/train_data.jsonl"]
+    assert holders(secret.encode(), nats_server.store_dir) == []
+    with pytest.raises(ObjectNotFoundError):
+        await bus.get_object("20261129_000001/train_data.jsonl", tmp_path / "back")
+    kept = await bus.get_object("20261129_000002/train_data.jsonl", tmp_path / "kept")
+    assert kept.read_text() == "nothing personal"
+
+
+async def test_a_local_lora_workers_run_dirs_of_affected_runs_go(
+    tmp_path: Path, bus: Bus, ollama_double: OllamaDouble, nats_server: EmbeddedNats
+) -> None:
+    async with world(tmp_path, bus, ollama_double, nats_server) as w:
+        work = w.lp.settings.lora_work_path
+        for name in ("20261129_000001", "20261129_000002", "notarun"):
+            (work / name).mkdir(parents=True)
+            (work / name / "train_data.jsonl").write_text("{}")
+        gone = w.forgetter._drop_worker_runs({"20261129_000001", "../data", "notarun"})
+        assert gone == [str((work / "20261129_000001").resolve())]
+        assert sorted(p.name for p in work.iterdir()) == ["20261129_000002", "notarun"]
