@@ -529,6 +529,16 @@ class Corpus:
                 log.warning("the corpus WAL is still in use; it is truncated by the next forget")
         return row is not None
 
+    def forgotten_ids(self) -> set[int]:
+        """Every forgotten point not stored again since."""
+        store = self._live()
+        with store.lock:
+            rows = store.conn.execute(
+                "SELECT id FROM forgotten f WHERE NOT EXISTS (SELECT 1 FROM points p"
+                " WHERE p.id = f.id)"
+            ).fetchall()
+        return {pid for (pid,) in rows}
+
     def forgotten(self, point_id: int) -> bool:
         """Whether the point was forgotten (and not stored again since)."""
         store = self._live()

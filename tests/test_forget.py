@@ -9,25 +9,31 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from services import config_updater, forget, trainer
 from services.collector import pairs_from_point
 from services.forget import Forgetter
+from services.trainer import Trainer
 from shared import subjects
 from shared.bus import Bus
 from shared.bus_errors import ObjectNotFoundError
+from shared.corpus import Corpus
 from shared.embeddings import Embedder
 from shared.messages import (
     MemoryPoint,
     MemoryPointDeleted,
     ModelLineage,
     ModelUpdated,
+    TrainingRequested,
     encode,
 )
 from shared.nats_server import EmbeddedNats
+from shared.subjects import RunNames
 from tests.ollama_double import OllamaDouble
 from tests.test_loop import BASE, MULTIWOZ, Loop, loop, mindx, points
 
@@ -292,3 +298,39 @@ async def test_a_local_lora_workers_run_dirs_of_affected_runs_go(
         gone = w.forgetter._drop_worker_runs({"20261129_000001", "../data", "notarun"})
         assert gone == [str((work / "20261129_000001").resolve())]
         assert sorted(p.name for p in work.iterdir()) == ["20261129_000002", "notarun"]
+
+
+class ForgetsOnCreate:
+    """A backend that has a point forgotten while the run creates its model."""
+
+    def __init__(self, inner: Any, corpus: Corpus, point_id: int) -> None:
+        self.inner, self.corpus, self.point_id = inner, corpus, point_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def create(self, *args: Any, **kwargs: Any) -> Any:
+        done = await self.inner.create(*args, **kwargs)
+        self.corpus.forget(self.point_id, datetime.now(UTC))
+        return done
+
+
+async def test_a_point_forgotten_during_a_run_fails_it_and_leaves_nothing(
+    tmp_path: Path, bus: Bus, ollama_double: OllamaDouble, nats_server: EmbeddedNats
+) -> None:
+    batch = points(0, 150)
+    async with world(tmp_path, bus, ollama_double, nats_server) as w:
+        lp = w.lp
+        await lp.add(batch)
+        s = lp.settings
+        backend = ForgetsOnCreate(lp.client, lp.corpus, batch[1].id)
+        embedder = Embedder(lp.client, s.embedding_model)
+        report = await Trainer(bus, s, backend, embedder, lp.corpus).run(TrainingRequested())
+        assert report.status == "failed"
+        assert f"memory point(s) {batch[1].id} were forgotten during the run" in report.error
+        names = RunNames(report.run_id)
+        assert not (s.training_path / names.dataset_file).exists()
+        assert not (s.training_path / names.modelfile_file).exists()
+        assert ollama_double.find(report.new_model) is None and lp.left() == BASE
+        record = await bus.get_record(subjects.MODELS, report.run_id, ModelLineage)
+        assert record is not None and record.status == "rejected"
