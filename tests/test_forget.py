@@ -81,6 +81,14 @@ def distinctive(point: MemoryPoint, others: list[MemoryPoint]) -> str:
     raise AssertionError(f"point {point.id} has no distinctive text")
 
 
+def distinctive_of(text: str, point: MemoryPoint, others: list[MemoryPoint]) -> str | None:
+    """The longest line of `text` (at least 30 characters) that no other point holds."""
+    for line in sorted((x.strip() for x in text.splitlines()), key=len, reverse=True):
+        if len(line) >= 30 and not any(line in o.content for o in others if o.id != point.id):
+            return line
+    return None
+
+
 @dataclass
 class World:
     lp: Loop
@@ -178,6 +186,29 @@ async def test_a_baked_point_leaves_no_trace(
         assert holders(needle, data_dir, store) == []  # erased from the stream too
         again = await w.forgetter.forget(victim.id)  # forgotten already: nothing holds it
         assert not again.found
+
+        # a held-out case: in the run's report, its HTML page and its training.completed
+        case = next(
+            (c, p)
+            for c in report.cases
+            for p in batch
+            if p.id != victim.id
+            and any((q.prompt, q.completion) == (c.prompt, c.expected) for q in pairs_from_point(p))
+            and distinctive_of(c.expected, p, batch)
+        )
+        held_out, line = case[1], distinctive_of(case[0].expected, case[1], batch)
+        assert line is not None
+        needle = line.encode("utf-8")
+        before = holders(needle, data_dir, store)
+        assert any(h.endswith(f"report_{report.run_id}.json") for h in before), before
+        assert any("TRAINING" in h for h in before), before
+        forgotten = await w.forgetter.forget(held_out.id)
+        assert forgotten.events_erased >= 1
+        assert holders(needle, data_dir, store) == []
+        rewritten = json.loads(
+            (lp.settings.training_path / f"report_{report.run_id}.json").read_text()
+        )
+        assert 0 < len(rewritten["cases"]) < len(report.cases)  # only that case went
 
 
 async def test_forged_deletions_are_dead_lettered_or_change_nothing(
