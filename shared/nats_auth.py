@@ -239,6 +239,7 @@ FORGETTER_PERMS = (
         for s in ("MEMORY", "TRAINING", DLQ_NAME, f"OBJ_{LORA_OBJECT_BUCKET}")
     )
     | publish(*_MODEL_ANSWERS, TRAINING_REQUESTED)  # the switch away, the retrain
+    | publish(MEMORY_POINT_DELETED)  # `dlq replay` of a deletion that kept failing
     | run_records(MODELS, write=True)  # the retired models' lineage
 )
 LORA_WORKER_PERMS = (
