@@ -4,8 +4,8 @@
 In order, so that a crash at any step leaves the point findable for the redelivery (the corpus,
 where its texts are read, goes last):
 
-1. the point's texts: from the corpus and from its messages in the MEMORY stream, which are
-   erased (`memory.point.created`/`updated` of that id; the deletion itself holds only the id);
+1. the point's texts: from the corpus and from its messages in the MEMORY stream
+   (`memory.point.created`/`updated` of that id; the deletion itself holds only the id);
 2. every model whose lineage holds the point is retired: when it is the live model, the config
    names the newest promoted model without the point (or the base) at once and `model.updated`
    goes out; then the models are deleted from the backend and their lineage says `retired`;
@@ -15,8 +15,9 @@ where its texts are read, goes last):
    re-published: a redacted copy would be a second announcement of a finished run);
 5. the object store's files of every affected run (a LoRA run's dataset, adapter and merged
    model) are erased, and a local LoRA worker's run dirs of those runs are deleted;
-6. the corpus drops the point for good (`Corpus.forget`: secure delete, WAL truncated) and keeps
-   a tombstone: a late copy of a version up to the deletion is never stored again;
+6. its MEMORY messages are erased, and the corpus drops the point for good (`Corpus.forget`:
+   secure delete, WAL truncated) and keeps a tombstone: a late copy of a version up to the
+   deletion is never stored again;
 7. when the live model was retired, a retrain without the point is requested.
 
 An id that nothing holds (never collected, or forgotten already) changes nothing. The time from
@@ -123,18 +124,19 @@ class Forgetter:
         out = Forgotten(point_id)
         s = self.settings
 
-        # 1. its texts, from the corpus and from the MEMORY stream (erased there)
+        # 1. its texts, from the corpus and from its messages in the MEMORY stream (both are
+        # erased last: a crash before leaves them for the redelivery to read)
         point, pairs = await asyncio.to_thread(self.corpus.point_with_pairs, point_id)
-        erased = await self.bus.erase_messages(
+        messages = await self.bus.find_messages(
             MEMORY_STREAM,
             "memory.point.*",
             lambda subject, data: (
                 subject != subjects.MEMORY_POINT_DELETED and _id_of(data) == point_id
             ),
         )
-        out.stream_messages = len(erased)
+        out.stream_messages = len(messages)
         versions = [point] if point is not None else []
-        for data in erased:
+        for _, data in messages:
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                 versions.append(msgspec.json.decode(data, type=MemoryPoint))
         all_pairs = [*pairs, *(p for v in versions for p in pairs_from_point(v))]
@@ -147,7 +149,7 @@ class Forgetter:
         live = self._live()
         available = {t.name for t in await self.backend.tags()}
         decided = forgetting.plan(point_id, lineages, live=live, available=available)
-        out.found = bool(point or erased or forgetting.still_held(decided, available))
+        out.found = bool(point or messages or forgetting.still_held(decided, available))
         if not out.found:
             log.info("point %s: nothing holds it; nothing to forget", point_id)
             return out
@@ -194,7 +196,9 @@ class Forgetter:
             out.objects_erased += await self.bus.erase_objects(f"{run_id}/")
         out.files_deleted += await asyncio.to_thread(self._drop_worker_runs, runs)
 
-        # 6. the corpus, 7. a model without the point
+        # 6. the MEMORY stream and the corpus, 7. a model without the point
+        for seq, _ in messages:
+            await self.bus.erase_message(MEMORY_STREAM, seq)
         await asyncio.to_thread(self.corpus.forget, point_id, at)
         if decided.live_retired:
             out.retrain_request = request_id

@@ -114,35 +114,38 @@ class Storage:
         except nats.errors.Error as exc:
             raise BusError(f"cannot erase message {seq} of {stream}: {exc!r}") from exc
 
-    async def erase_messages(
+    async def find_messages(
         self, stream: str, subject: str, match: Callable[[str, bytes], bool]
-    ) -> list[bytes]:
-        """Erase every message of `stream` on `subject` (wildcards work) for which
-        `match(subject, payload)` is true; returns the payloads erased, in stream order.
-
-        JetStream's message delete without `no_erase` overwrites the message where the server
-        stores it, so its bytes are gone from the store, not only hidden. A stream that does
-        not exist holds nothing to erase.
-        """
-        erased: list[bytes] = []
+    ) -> list[tuple[int, bytes]]:
+        """`(sequence, payload)` of every message of `stream` on `subject` (wildcards work) for
+        which `match(subject, payload)` is true, in stream order ([] without the stream)."""
+        found: list[tuple[int, bytes]] = []
         seq = 1
         try:
             while True:
                 try:
                     msg = await self._api(self._js.get_msg(stream, seq, subject=subject, next=True))
                 except nats.js.errors.NotFoundError:  # nothing after `seq`, or no stream
-                    return erased
+                    return found
                 seq = (msg.seq or seq) + 1
                 data = msg.data or b""
-                if not match(msg.subject or "", data):
-                    continue
-                try:
-                    await self._api(self._js.delete_msg(stream, msg.seq or 0))
-                except nats.js.errors.NotFoundError:
-                    pass  # gone meanwhile (max_age)
-                erased.append(data)
+                if match(msg.subject or "", data):
+                    found.append((msg.seq or 0, data))
         except nats.errors.Error as exc:
-            raise BusError(f"cannot erase messages of {stream} on {subject}: {exc!r}") from exc
+            raise BusError(f"cannot read {stream} on {subject}: {exc!r}") from exc
+
+    async def erase_messages(
+        self, stream: str, subject: str, match: Callable[[str, bytes], bool]
+    ) -> list[bytes]:
+        """Erase every message `find_messages` finds; returns their payloads.
+
+        JetStream's message delete without `no_erase` overwrites the message where the server
+        stores it, so its bytes are gone from the store, not only hidden.
+        """
+        found = await self.find_messages(stream, subject, match)
+        for seq, _ in found:
+            await self.erase_message(stream, seq)
+        return [data for _, data in found]
 
     # --- key-value records --------------------------------------------------------------------
 
