@@ -200,7 +200,7 @@ class Forgetter:
         for seq, _ in messages:
             await self.bus.erase_message(MEMORY_STREAM, seq)
         await asyncio.to_thread(self.corpus.forget, point_id, at)
-        if decided.live_retired:
+        if decided.retrain:
             out.retrain_request = request_id
             await self.bus.publish(
                 subjects.TRAINING_REQUESTED,

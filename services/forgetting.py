@@ -126,6 +126,9 @@ class Plan:
     live_retired: bool  # the config's live model is one of them
     switch_to: str | None  # the model the config then names (None: the live one stays)
     switch_run: str | None  # the run that built `switch_to` (None: the base)
+    # a model without the point is to be trained: the live model held it, or the newest promoted
+    # one did (a redelivery after a crash between the switch and the end)
+    retrain: bool = False
 
 
 def plan(
@@ -140,8 +143,11 @@ def plan(
     to the base the live model was built on."""
     retire = [x for x in lineages if lineage_holds(x, point_id)]
     live_retired = bool(live) and any(same_model(x.model, live or "") for x in retire)
+    promoted = [x for x in lineages if x.status == "promoted"]
+    newest = max(promoted, key=lambda x: (x.promoted_at or x.created_at, x.run_id), default=None)
+    retrain = live_retired or (newest is not None and lineage_holds(newest, point_id))
     if not live_retired:
-        return Plan(retire, False, None, None)
+        return Plan(retire, False, None, None, retrain)
     doomed = {x.model for x in retire}
     rivals = sorted(
         (
@@ -155,6 +161,6 @@ def plan(
         reverse=True,
     )
     if rivals:
-        return Plan(retire, True, rivals[0].model, rivals[0].run_id)
+        return Plan(retire, True, rivals[0].model, rivals[0].run_id, True)
     built = next(x for x in retire if same_model(x.model, live or ""))
-    return Plan(retire, True, built.base_model, None)
+    return Plan(retire, True, built.base_model, None, True)

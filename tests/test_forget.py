@@ -34,7 +34,7 @@ from shared.messages import (
 )
 from shared.nats_server import EmbeddedNats
 from shared.subjects import RunNames
-from tests.ollama_double import OllamaDouble
+from tests.ollama_double import Fault, OllamaDouble
 from tests.test_loop import BASE, MULTIWOZ, Loop, loop, mindx, points
 
 pytestmark = pytest.mark.skipif(
@@ -365,3 +365,31 @@ async def test_a_point_forgotten_during_a_run_fails_it_and_leaves_nothing(
         assert ollama_double.find(report.new_model) is None and lp.left() == BASE
         record = await bus.get_record(subjects.MODELS, report.run_id, ModelLineage)
         assert record is not None and record.status == "rejected"
+
+
+async def test_a_deletion_that_fails_halfway_is_finished_by_its_redelivery(
+    tmp_path: Path, bus: Bus, ollama_double: OllamaDouble, nats_server: EmbeddedNats
+) -> None:
+    batch = points(0, 150)
+    async with world(tmp_path, bus, ollama_double, nats_server) as w:
+        lp = w.lp
+        await lp.add(batch)
+        report = await lp.run()
+        assert report.status == "success", report.decision_reason or report.error
+        baked = await lp.lineage(report)
+        victim = next(p for p in batch if p.id == baked.points[0].id)
+        needle = distinctive(victim, batch).encode("utf-8")
+        # the config is switched, then the backend refuses the delete: the handler fails after
+        # the switch, before the files, the streams and the corpus
+        ollama_double.faults.add("/api/delete", Fault.error(400, "refused"), times=1)
+        await delete(bus, encode(_deleted(victim.id)))
+        assert ollama_double.faults.pending("/api/delete") == 0  # the first try did fail
+        assert lp.left() == BASE and ollama_double.find(report.new_model) is None
+        assert holders(needle, lp.settings.data_path, nats_server.store_dir) == []
+        assert lp.corpus.point_with_pairs(victim.id) == (None, [])
+        assert await bus.dead_letters(subject=subjects.MEMORY_POINT_DELETED) == []
+        # the redelivery, which found the base live already, still asked for the retrain
+        requested = await bus.find_messages(
+            "TRAINING", subjects.TRAINING_REQUESTED, lambda _s, d: b"forget-" in d
+        )
+        assert len(requested) == 1

@@ -134,6 +134,12 @@ def test_the_live_model_holding_the_point_gives_way_to_the_newest_promoted_witho
     assert plan.switch_to == old.model
     plan = forgetting.plan(7, everything, live=live.model, available=[live.model])
     assert (plan.switch_to, plan.switch_run) == ("qwen3:0.6b", None)
+    assert plan.retrain
+    # after a crash between the switch and the end: the base is live, the newest promoted model
+    # still says promoted and holds the point: the retrain is still asked for
+    again = forgetting.plan(7, everything, live="qwen3:0.6b", available=[live.model])
+    assert not again.live_retired and again.retrain
+    assert not forgetting.plan(2, everything, live=live.model, available=[]).retrain
 
 
 def test_a_point_the_live_model_does_not_hold_switches_nothing() -> None:
