@@ -158,8 +158,12 @@ async def _validator(bus: Any, res: Resources) -> list[Any]:
     from services import validator
 
     backend, embedder = await res.backend(), await res.embedder()
-    system = res.settings.app_system_prompt
-    return [await validator.serve(bus, backend, embedder, system=system)]
+    s = res.settings
+    return [
+        await validator.serve(
+            bus, backend, embedder, system=s.app_system_prompt, concurrency=s.validator_concurrency
+        )
+    ]
 
 
 async def _config_updater(bus: Any, res: Resources) -> list[Any]:

@@ -151,7 +151,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "--validation-concurrency",
         dest="validation_concurrency",
         type=int,
-        help="cases in flight at once (default 4; raise it with more validators)",
+        help="cases the trainer scores at once when no validator runs (default 4)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     lg = p.add_argument_group("lora")
@@ -212,6 +212,12 @@ def _app_flags(p: argparse.ArgumentParser) -> None:
         "--app-options",
         dest="app_options",
         help="the Ollama options the app sends, as JSON (e.g. '{\"temperature\": 0.7}')",
+    )
+    g.add_argument(
+        "--validator-concurrency",
+        dest="validator_concurrency",
+        type=int,
+        help="cases a validator of this process scores at once (default 5)",
     )
 
 

@@ -98,10 +98,23 @@ async def create_lora_model(
         filename = LORA_ARTIFACTS.get(kind)
         if filename is None or key != names.artifact_object(filename):
             raise RuntimeError(f"lora.done names an artifact this run never makes: {kind}={key!r}")
-    workdir = Path(tempfile.mkdtemp(prefix=f"mindx-lora-{names.run_id}-"))
-    files: dict[str, Path] = {}
-    for kind, key in result.artifacts.items():
-        files[kind] = await bus.get_object(key, workdir / LORA_ARTIFACTS[kind])
+    # the backend keeps its own copy of what it is given: the fetched artifacts go afterwards
+    with tempfile.TemporaryDirectory(prefix=f"mindx-lora-{names.run_id}-") as tmp:
+        workdir = Path(tmp)
+        files: dict[str, Path] = {}
+        for kind, key in result.artifacts.items():
+            files[kind] = await bus.get_object(key, workdir / LORA_ARTIFACTS[kind])
+        return await _create_from_artifacts(backend, s, new_model, files, result, status)
+
+
+async def _create_from_artifacts(
+    backend: Backend,
+    s: Settings,
+    new_model: str,
+    files: dict[str, Path],
+    result: LoraJobDone,
+    status: StatusSink,
+) -> dict[str, Any]:
     metrics = dict(result.metrics)
     if "metrics" in files:
         metrics.update(json.loads(files["metrics"].read_text()))

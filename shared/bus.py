@@ -63,6 +63,7 @@ from shared.bus_errors import (
     RequestTimeoutError,
 )
 from shared.bus_storage import Storage
+from shared.bus_work import QueueLoad, WorkQueues
 from shared.messages import decode, encode
 from shared.nats_client import Connecting, Denials, NatsAuth, redact_url
 from shared.subjects import (
@@ -85,6 +86,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "QueueLoad",
     "Rejected",
     "RemoteError",
     "RequestTimeoutError",
@@ -161,7 +163,7 @@ class Expect(Generic[T]):
 # --- the bus ------------------------------------------------------------------------------------
 
 
-class Bus(Storage, DeadLetters):
+class Bus(Storage, DeadLetters, WorkQueues):
     """A NATS connection with the project's streams, consumers and conventions."""
 
     def __init__(self, nc: Client, url: str, denials: Denials | None = None) -> None:
@@ -479,6 +481,7 @@ class Bus(Storage, DeadLetters):
             deliver_policy=DeliverPolicy.NEW if spec.deliver_new else DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait_s,
+            max_ack_pending=spec.max_ack_pending,
             # Unlimited on the server: we count deliveries ourselves, so a message whose
             # consumer keeps dying is dead-lettered instead of silently dropped.
             max_deliver=-1,

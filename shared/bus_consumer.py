@@ -184,24 +184,26 @@ class Puller:
                 )
         self.arrived.set()
 
-    async def _request(self, *, wait: float | None) -> None:
+    async def _request(self, *, wait: float | None, batch: int) -> None:
         loop = asyncio.get_running_loop()
+        batch = max(1, min(batch, self.batch))
         if wait is None:
             # No expires: with it the server would ignore no_wait and linger.
-            body: dict[str, object] = {"batch": self.batch, "no_wait": True}
+            body: dict[str, object] = {"batch": batch, "no_wait": True}
             self.open_until = loop.time() + 5.0
         else:
-            body = {"batch": self.batch, "expires": int(wait * 1e9)}
+            body = {"batch": batch, "expires": int(wait * 1e9)}
             self.open_until = loop.time() + wait + 1.0  # its 408 may be lost in a reconnect
-        self.left = self.batch
+        self.left = batch
         await self.nc.publish(self.api, json.dumps(body).encode(), reply=self.inbox)
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:  # noqa: ASYNC109
-        """Up to `batch` messages: what arrives at once, else the first ones within timeout."""
+        """Up to `batch` messages: what arrives at once, else the first ones within timeout.
+        A new pull request asks the server for `batch` (at most the Puller's), no more."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if not self.ready and loop.time() >= self.open_until:
-            await self._request(wait=None)
+            await self._request(wait=None, batch=batch)
         while len(self.ready) < batch:
             now = loop.time()
             is_open = now < self.open_until
@@ -213,7 +215,7 @@ class Puller:
             if not self.ready and not is_open:
                 if now + 0.05 >= deadline:
                     raise TimeoutError
-                await self._request(wait=deadline - now - 0.01)
+                await self._request(wait=deadline - now - 0.01, batch=batch)
             # Once something is here, wait only a moment for the rest of the burst.
             wait = 0.002 if self.ready else deadline - now
             if wait <= 0:
@@ -443,6 +445,106 @@ class PullConsumer(Generic[T]):
         held = [*self.current, *self.singles, *self.buffer, *self._undelivered()]
         self.current, self.singles, self.buffer = [], deque(), deque()
         for msg in held:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
+
+
+class ConcurrentConsumer(PullConsumer[T]):
+    """Up to `limit` handler calls at once, one per message, each acked when its call returns.
+
+    It pulls only as many messages as it has free calls, so whatever it cannot start yet stays
+    on the server for the other consumers of the durable; the messages it is handling get
+    in_progress beats, so only a consumer that died hands them back (after ack_wait).
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        publish: RawPublish,
+        spec: ConsumerSpec,
+        typ: type[T],
+        handler: Callable[[T, Delivery], Awaitable[None]],
+        sub: Puller,
+        *,
+        limit: int,
+        grace: float,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.running: dict[asyncio.Task[None], Msg] = {}
+        self.freed = asyncio.Event()
+        super().__init__(nc, publish, spec, typ, handler, sub, batch=1, grace=grace)
+        self.holder = asyncio.create_task(self._beat(), name=f"beat:{spec.durable}")
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self.stopping:
+            room = self.limit - len(self.running)
+            if room <= 0:
+                self.freed.clear()
+                await self.freed.wait()
+                continue
+            try:
+                msgs = await self.sub.fetch(room, timeout=2.0)
+                failures = 0
+            except TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # disconnected, reconnecting, server restarting
+                if self.nc.is_closed:
+                    log.warning("%s: connection closed; consumer ends", self.spec.durable)
+                    return
+                failures += 1
+                log.warning("%s: fetch failed (%r); retrying", self.spec.durable, exc)
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._one(msg), name=f"handle:{msg.subject}")
+                self.running[task] = msg
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.running.pop(task, None)
+        self.freed.set()
+
+    async def _one(self, msg: Msg) -> None:
+        try:
+            await self._deliver(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one message never kills the consumer
+            log.exception("%s: unexpected error handling a message", self.spec.durable)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.ack_wait_s / 3)
+            for msg in list(self.running.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+        if self.running:  # let the calls under way finish for a moment, then interrupt them
+            await asyncio.wait(set(self.running), timeout=self.grace)
+        held = list(self.running.items())
+        for task, _ in held:
+            task.cancel()
+        for task, _ in held:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.holder is not None:
+            self.holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.holder
+        # Hand back what was interrupted or delivered but not started, for another consumer now.
+        for msg in [*(msg for _, msg in held), *self._undelivered()]:
             with contextlib.suppress(Exception):
                 await msg.nak()
         with contextlib.suppress(Exception):

@@ -2,12 +2,17 @@
 
 Each distinct text is embedded once: duplicates inside a call collapse, and a content-hash cache
 (sha256 of model + NUL + text) remembers vectors across calls.
-Rows come back L2-normalized, so a dot product is a cosine.
+Rows come back L2-normalized, so a dot product is a cosine. `EmbedGatherer` joins the
+concurrent calls of one process into one request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import hashlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,3 +89,80 @@ class Embedder:
         out = np.stack([self.cache[k] for k in keys]).astype(np.float32, copy=False)
         self.dim = out.shape[1]
         return out
+
+
+class EmbedGatherer:
+    """Embeds the texts of concurrent `embed` calls in one call of `inner.embed`.
+
+    The first call of a batch waits for the others to join: until every task inside `member()`
+    (e.g. each case a validator is scoring) has made its first call, or `window_s` has passed,
+    whichever comes first. Then one request carries them all and each caller gets its own
+    rows; if it fails, every caller of it gets the error.
+    """
+
+    def __init__(self, inner: Embedder, *, window_s: float = 0.05) -> None:
+        self.inner = inner
+        self.window_s = window_s
+        self.model = inner.model
+        self.calls = 0  # calls of inner.embed
+        self.expecting = 0  # members that have not called embed yet
+        self._member: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+            "embed_member", default=None
+        )
+        self._waiting: list[tuple[list[str], asyncio.Future[np.ndarray]]] = []
+        self._full = asyncio.Event()
+        self._sending: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+    @contextlib.contextmanager
+    def member(self) -> Iterator[None]:
+        """The task will embed soon: a batch waits for its first call (up to `window_s`)."""
+        pending = [True]
+        token = self._member.set(pending)
+        self.expecting += 1
+        try:
+            yield
+        finally:
+            self._member.reset(token)
+            self._joined(pending)
+
+    def _joined(self, pending: list[bool] | None) -> None:
+        if pending is not None and pending[0]:
+            pending[0] = False
+            self.expecting -= 1
+        if self._waiting and self.expecting <= 0:
+            self._full.set()
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._waiting.append((list(texts), future))
+        if len(self._waiting) == 1:  # the first of a batch sends it
+            self._full.clear()
+            task = asyncio.create_task(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        self._joined(self._member.get())
+        return await future
+
+    async def _send(self) -> None:
+        batch: list[tuple[list[str], asyncio.Future[np.ndarray]]] = []
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.window_s)
+            batch, self._waiting = self._waiting, []
+            self.calls += 1
+            rows = await self.inner.embed([t for part, _ in batch for t in part])
+        except BaseException as exc:  # every caller of the batch gets the error
+            if not batch:
+                batch, self._waiting = self._waiting, []
+            error = exc if isinstance(exc, Exception) else RuntimeError("embedding cancelled")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for part, future in batch:
+            if not future.done():  # its caller may have been cancelled meanwhile
+                future.set_result(rows[start : start + len(part)])
+            start += len(part)

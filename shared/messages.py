@@ -232,7 +232,7 @@ class ModelLineage(Payload, kw_only=True, frozen=True):
     retired_reason: str = ""
 
 
-# --- validation (core NATS request/reply, queue group) ------------------------------------------
+# --- validation (cases on the VALIDATION work queue, results on core NATS) ------------------------
 
 
 class ValidationCase(Payload, kw_only=True, frozen=True):

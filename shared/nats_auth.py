@@ -48,7 +48,8 @@ from shared.subjects import (
     TRAINING_REQUESTED,
     TRAINING_STARTED,
     VALIDATION_CASE,
-    VALIDATOR_QUEUE,
+    VALIDATION_RESULT,
+    VALIDATOR,
     BucketSpec,
     ConsumerSpec,
     dead_letter_subject,
@@ -60,8 +61,8 @@ ROLES: tuple[Role, ...] = get_args(Role)
 ROLE_PURPOSE: dict[Role, str] = {
     "service": "every component in one process (collector, trainer, validator, config-updater, "
     "lora-worker)",
-    "validator": "a remote validator: answers validation.case in the validators queue group, "
-    "for runs whose record (read only) says they are running",
+    "validator": "a remote validator: pulls validation.case.* from the validators work queue and "
+    "publishes validation.result.*, for runs whose record (read only) says they are running",
     "lora-worker": "a remote LoRA worker: consumes lora.jobs, moves run files through the "
     "object store, announces lora.done",
     "memory": "the app's memory: publishes memory points (created, updated, deleted) only",
@@ -131,11 +132,6 @@ def publish(*subjects: str) -> Permissions:
 def listen(*subjects: str) -> Permissions:
     """Core subscriptions (events, the answers a publish waits for)."""
     return _sub(*subjects)
-
-
-def respond(subject: str, queue: str) -> Permissions:
-    """Serve requests on `subject` in `queue` only, and answer them (never a plain copy)."""
-    return Permissions(subscribe=frozenset({f"{subject} {queue}"}), allow_responses=True)
 
 
 def manage_streams() -> Permissions:
@@ -221,7 +217,9 @@ _MODEL_ANSWERS = (MODEL_UPDATED, MODEL_UPDATE_FAILED)
 # a late copy of a forgotten point is erased from the stream
 COLLECTOR_PERMS = durable_consumer(COLLECTOR) | _pub(f"{_JS}.STREAM.MSG.DELETE.{COLLECTOR.stream}")
 # a validator serves only cases of runs in progress: it reads the trainer's run records
-VALIDATOR_PERMS = respond(VALIDATION_CASE, VALIDATOR_QUEUE) | run_records(RUNS, write=False)
+VALIDATOR_PERMS = (
+    durable_consumer(VALIDATOR) | publish(f"{VALIDATION_RESULT}.*") | run_records(RUNS, write=False)
+)
 CONFIG_UPDATER_PERMS = (
     durable_consumer(CONFIG_UPDATER)
     # one rollback durable per config, named after its path (subjects.config_rollback)
@@ -249,8 +247,11 @@ LORA_WORKER_PERMS = (
 )
 TRAINER_PERMS = (
     durable_consumer(TRAINER)
-    | publish(*_RUN_EVENTS, MODEL_VALIDATED, LORA_JOBS, VALIDATION_CASE)
-    | listen(*_MODEL_ANSWERS, _LORA_DONE)  # what publish_and_wait waits for
+    | publish(*_RUN_EVENTS, MODEL_VALIDATED, LORA_JOBS, f"{VALIDATION_CASE}.*")
+    | listen(*_MODEL_ANSWERS, _LORA_DONE, f"{VALIDATION_RESULT}.*")  # the answers it waits for
+    # whether a validator is pulling (else it scores in-process), and a run's leftover cases
+    | _pub(f"{_JS}.CONSUMER.INFO.{VALIDATOR.stream}.{VALIDATOR.durable}")
+    | _pub(f"{_JS}.STREAM.PURGE.{VALIDATOR.stream}")
     | object_store(LORA_OBJECT_BUCKET)
     | run_records(RUNS, write=True)
     | run_records(MODELS, write=True)  # each created model's lineage

@@ -96,8 +96,11 @@ class Settings:
     min_effect: float = 0.0  # promote only if the CI's lower bound exceeds this
     bootstrap_samples: int = 2000
     max_error_rate: float = 0.25  # more scoring errors than this fails the run
-    validation_concurrency: int = 4
-    validation_timeout_s: float = 120.0
+    validation_concurrency: int = 4  # cases the trainer scores at once when no validator runs
+    validation_timeout_s: float = 120.0  # no result for this long: the missing cases again
+    # cases one validator scores at once (their chats run together, their embeddings are one
+    # call); a run's cases spread over the validators by this, so it sets how they scale
+    validator_concurrency: int = 5
     # how the app (the Brain) calls its model; validation asks both models the same way
     app_system_prompt: str | None = None  # None: the app sends none, the model's SYSTEM applies
     app_options: dict[str, Any] = field(default_factory=dict)  # Ollama options, e.g. temperature
@@ -276,6 +279,7 @@ class Settings:
             at_least("bootstrap_samples", 100),  # fewer cannot place a 95% interval's tails
             within("max_error_rate", 0.0 <= self.max_error_rate <= 1.0, "[0, 1]"),
             at_least("validation_concurrency", 1),
+            at_least("validator_concurrency", 1),
             within("validation_timeout_s", self.validation_timeout_s > 0, "(0, inf)"),
             at_least("temperature", 0.0),
             within("config_wait_s", self.config_wait_s > 0, "(0, inf)"),

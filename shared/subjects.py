@@ -43,8 +43,8 @@ MODEL_VALIDATED = "model.validated"
 MODEL_UPDATED = "model.updated"
 MODEL_UPDATE_FAILED = "model.update_failed"
 MODEL_ROLLBACK_REQUESTED = "model.rollback.requested"
-VALIDATION_CASE = "validation.case"  # core request/reply, served by a queue group
-VALIDATOR_QUEUE = "validators"
+VALIDATION_CASE = "validation.case"  # + ".<run_id>": a work queue every validator pulls from
+VALIDATION_RESULT = "validation.result"  # + ".<run_id>": core, the trainer of the run listens
 LORA_JOBS = "lora.jobs"
 LORA_DONE = "lora.done"  # + ".<run_id>"
 DEAD_LETTER_PREFIX = "dlq"  # dlq.<original subject>
@@ -75,6 +75,14 @@ class RunNames:
     @property
     def lora_done_subject(self) -> str:
         return f"{LORA_DONE}.{self.run_id}"
+
+    @property
+    def case_subject(self) -> str:
+        return f"{VALIDATION_CASE}.{self.run_id}"
+
+    @property
+    def result_subject(self) -> str:
+        return f"{VALIDATION_RESULT}.{self.run_id}"
 
     @property
     def finished_msg_id(self) -> str:
@@ -171,6 +179,13 @@ STREAMS: tuple[StreamSpec, ...] = (
         max_age_s=30 * 24 * 3600,
     ),
     StreamSpec("LORA_JOBS", [LORA_JOBS], retention=RetentionPolicy.WORK_QUEUE),
+    # a run's cases: taken by validators as they have room, purged when the run has its results
+    StreamSpec(
+        "VALIDATION",
+        [f"{VALIDATION_CASE}.*"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_age_s=DAY_S,
+    ),
     StreamSpec("LORA_DONE", [f"{LORA_DONE}.>"], max_age_s=7 * 24 * 3600),
     StreamSpec("DLQ", [f"{DEAD_LETTER_PREFIX}.>"], max_age_s=90 * 24 * 3600),
 )
@@ -210,6 +225,7 @@ class ConsumerSpec:
     backoff_s: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     # a new durable starts at the stream's end: for requests only worth doing when they are made
     deliver_new: bool = False
+    max_ack_pending: int = 1000  # messages handed out and not acked yet, over all its consumers
 
 
 COLLECTOR = ConsumerSpec("collector", "MEMORY", MEMORY_POINT_CREATED)
@@ -231,6 +247,15 @@ def config_rollback(config_key: str) -> ConsumerSpec:
     return replace(CONFIG_ROLLBACK, durable=f"{CONFIG_ROLLBACK.durable}-{digest}")
 
 
+# Every validator pulls cases from one durable, as many as it has room for (its concurrency),
+# and beats in_progress while it scores one: a validator that dies hands its cases back after
+# ack_wait, and they cost one more delivery. max_ack_pending caps the cases in flight over all
+# validators (e.g. 64 validators of 16).
+VALIDATOR = ConsumerSpec(
+    "validators", "VALIDATION", f"{VALIDATION_CASE}.*", ack_wait_s=10.0, max_deliver=3,
+    backoff_s=[0.5, 1.0], max_ack_pending=1024,
+)  # fmt: skip
+
 # training runs in a thread, so the keep-alive beats on time even during long steps
 LORA_WORKER = ConsumerSpec("lora-worker", "LORA_JOBS", LORA_JOBS, max_deliver=3)
 
@@ -249,14 +274,15 @@ PAYLOADS: dict[str, type[Payload]] = {
     MODEL_UPDATED: ModelUpdated,
     MODEL_UPDATE_FAILED: ModelUpdateFailed,
     MODEL_ROLLBACK_REQUESTED: RollbackRequested,
-    VALIDATION_CASE: ValidationCase,
+    f"{VALIDATION_CASE}.*": ValidationCase,
+    f"{VALIDATION_RESULT}.*": ValidationResult,
     LORA_JOBS: LoraJob,
     f"{LORA_DONE}.*": LoraJobDone,
     f"{DEAD_LETTER_PREFIX}.>": DeadLetter,
     STATUS: StatusRequest,
 }
 # Request/reply subjects: the payload of the reply.
-REPLIES: dict[str, type[Payload]] = {VALIDATION_CASE: ValidationResult, STATUS: ProcessStatus}
+REPLIES: dict[str, type[Payload]] = {STATUS: ProcessStatus}
 
 
 def contract_schema() -> dict[str, Any]:

@@ -20,6 +20,7 @@ from services import app
 from services.collector import serve as serve_collector
 from services.pipeline import started_record
 from services.validator import serve as serve_validator
+from services.validator import validate_cases
 from shared import subjects
 from shared.bus import Bus, BusError, PermissionDeniedError
 from shared.corpus import Corpus
@@ -130,15 +131,21 @@ def test_each_user_may_read_only_its_own_inbox_and_the_brain_publishes_nothing()
     assert permissions("memory", "K").publish == set(MEMORY_POINT_SUBJECTS)
     assert permissions("brain", "K").publish == set()
     assert permissions("validator", "K").subscribe == {
-        f"{inbox_prefix('K')}.>",
-        f"{subjects.VALIDATION_CASE} {subjects.VALIDATOR_QUEUE}",  # in the queue group only
+        f"{inbox_prefix('K')}.>",  # cases come only as answers to its pulls
         subjects.STATUS,  # every process answers `mindx status`
     }
-    # a validator publishes only what reading the run records takes: no record, no stream
-    runs = f"KV_{subjects.RUNS.name}"
+    # a validator publishes only what pulling from its durable and reading the run records
+    # take, and its results: no record, no stream, no other consumer, no case
+    runs, v = f"KV_{subjects.RUNS.name}", subjects.VALIDATOR
     assert permissions("validator", "K").publish == {
         f"$JS.API.STREAM.INFO.{runs}",
         f"$JS.API.STREAM.MSG.GET.{runs}",
+        f"$JS.API.CONSUMER.CREATE.VALIDATION.validators.{v.subject}",
+        "$JS.API.CONSUMER.INFO.VALIDATION.validators",
+        "$JS.API.CONSUMER.MSG.NEXT.VALIDATION.validators",
+        "$JS.ACK.VALIDATION.validators.>",
+        f"dlq.{v.subject}",
+        f"{subjects.VALIDATION_RESULT}.*",
     }
     text = auth_config(keys)
     # an empty allow list would allow everything: the quiet role denies all instead
@@ -207,8 +214,8 @@ async def test_a_validator_serves_cases_under_its_role(
             prompt="Where can I find a cheap hotel?",
             expected="The Acorn guest house is cheap.",
         )
-        result = await service.request(subjects.VALIDATION_CASE, case, ValidationResult, timeout=30)
-    assert result.validator == "remote-v" and result.case_id == 0
+        [result] = await validate_cases(service, [case], concurrency=1, timeout_s=30)
+    assert result.validator == "remote-v" and result.case_id == 0 and result.score is not None
 
 
 async def test_a_validator_reads_run_records_but_cannot_write_them(
@@ -330,8 +337,8 @@ def _read_dead_letters(bus: Bus) -> Awaitable[Any]:
 
 
 def _ask_validators(bus: Bus) -> Awaitable[Any]:
-    case = ValidationCase(run_id="r", case_id=0, model="m", prompt="p", expected="e")
-    return bus.request(subjects.VALIDATION_CASE, case, ValidationResult, timeout=30)
+    case = ValidationCase(run_id="20250101_000000", case_id=0, model="m", prompt="p", expected="e")
+    return bus.publish(subjects.RunNames(case.run_id).case_subject, case)
 
 
 ATTEMPTS: list[tuple[Role, str, Callable[[Bus], Awaitable[Any]]]] = [
@@ -349,12 +356,14 @@ ATTEMPTS: list[tuple[Role, str, Callable[[Bus], Awaitable[Any]]]] = [
     ("brain", "use the validators", _ask_validators),
     ("validator", "switch the model", _publish(subjects.MODEL_VALIDATED)),
     ("validator", "queue a LoRA job", _publish(subjects.LORA_JOBS)),
-    ("validator", "copy every case outside the queue", _subscribe(subjects.VALIDATION_CASE)),
+    ("validator", "copy every case outside the queue", _subscribe(f"{subjects.VALIDATION_CASE}.*")),
+    ("validator", "queue a case", _ask_validators),
+    ("validator", "read the results", _subscribe(f"{subjects.VALIDATION_RESULT}.*")),
     ("validator", "read memory", _subscribe(subjects.MEMORY_POINT_CREATED)),
     ("lora-worker", "switch the model", _publish(subjects.MODEL_VALIDATED)),
     ("lora-worker", "start a run", _publish(subjects.TRAINING_REQUESTED)),
     ("lora-worker", "read the memory stream", _consume(subjects.COLLECTOR)),
-    ("lora-worker", "answer cases", _subscribe(subjects.VALIDATION_CASE, "validators")),
+    ("lora-worker", "take cases", _consume(subjects.VALIDATOR)),
     ("operator", "switch the model", _publish(subjects.MODEL_VALIDATED)),
     ("operator", "announce a model", _publish(subjects.MODEL_UPDATED)),
     ("operator", "inject memory", _publish(subjects.MEMORY_POINT_CREATED)),
@@ -392,6 +401,24 @@ async def test_no_role_reads_another_ones_inbox(secured_nats: Secured) -> None:
         bus = await secured_nats.connect(role)
         with pytest.raises(PermissionDeniedError):
             await _subscribe(f"{service_inbox}.>")(bus)
+
+
+async def test_only_a_validator_answers_for_the_validators(secured_nats: Secured) -> None:
+    service = await secured_nats.connect("service")
+    heard: list[ValidationResult] = []
+
+    async def on_result(result: ValidationResult) -> None:
+        heard.append(result)
+
+    await service.subscribe(f"{subjects.VALIDATION_RESULT}.*", ValidationResult, on_result)
+    run = subjects.RunNames("20250101_000000")
+    for role in ("lora-worker", "brain", "memory", "operator", "validator"):
+        bus = await secured_nats.connect(role)
+        forged = ValidationResult(run_id=run.run_id, case_id=0, model="m", validator=role)
+        await bus.nc.publish(run.result_subject, msgspec.json.encode(forged))
+        await bus.nc.flush()
+    await asyncio.sleep(0.3)
+    assert [r.validator for r in heard] == ["validator"]
 
 
 async def test_a_denied_core_publish_reaches_nobody(secured_nats: Secured) -> None:

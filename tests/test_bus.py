@@ -129,7 +129,7 @@ async def test_a_queue_group_shares_requests(nats_server: EmbeddedNats, bus: Bus
 
     other = await Bus.connect(nats_server.url, name="validator-b")
     try:
-        q = subjects.VALIDATOR_QUEUE
+        q = "validators"
         await bus.reply(subjects.VALIDATION_CASE, ValidationCase, responder("a"), queue=q)
         await other.reply(subjects.VALIDATION_CASE, ValidationCase, responder("b"), queue=q)
         await other.nc.flush()

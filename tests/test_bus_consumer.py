@@ -322,7 +322,8 @@ async def test_without_keep_alive_long_work_is_redelivered(
     nats_server: EmbeddedNats, bus: Bus
 ) -> None:
     got = await _two_consumers_one_long_job(nats_server, bus, spec("short"), keep_alive=False)
-    assert got == [1, 2]
+    # on a loaded machine a slow ack of the redelivery may cause one more: the point is the 2
+    assert got[:2] == [1, 2] and len(got) <= 3, got
 
 
 async def test_wait_idle_times_out_while_work_is_pending(bus: Bus) -> None:

@@ -29,6 +29,7 @@ BUS_CALLS = {
     "subscribe": 1,
     "serve": 1,
     "serve_batch": 1,
+    "serve_concurrent": 1,
 }
 BUS_RECEIVERS = {"bus", "self.bus"}
 
@@ -146,7 +147,7 @@ def test_mindx_schema_prints_one_json_schema_per_subject() -> None:
     assert not doc["subjects"]["training.requested"]["$defs"]["TrainingRequested"]["required"]
     updated = doc["subjects"]["model.updated"]["$defs"]["ModelUpdated"]
     assert updated["properties"]["at"] == {"type": "string", "format": "date-time"}
-    reply = doc["replies"]["validation.case"]["$defs"]["ValidationResult"]
+    reply = doc["subjects"]["validation.result.*"]["$defs"]["ValidationResult"]
     assert {"run_id", "case_id", "model"} <= set(reply["required"])
 
 
@@ -294,7 +295,8 @@ def test_the_events_page_lists_the_streams_as_declared() -> None:
             "work queue" if spec.retention == RetentionPolicy.WORK_QUEUE else "limits"
         )
         if spec.max_age_s is not None:
-            assert kept == f"{spec.max_age_s / 86400:g} days", spec.name
+            days = spec.max_age_s / 86400
+            assert kept == f"{days:g} day{'' if days == 1 else 's'}", spec.name
         else:
             assert kept in ("until deleted", "until a worker acks the job"), spec.name
 

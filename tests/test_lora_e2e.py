@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,6 @@ async def test_lora_run_once_local(tmp_path: Path, nats_server, capsys) -> None:
     )
     assert lineage["mode"] == "lora" and lineage["model"] == report["new_model"]
     assert len(lineage["points"]) > 0  # the LoRA model holds its whole training split
+    # the artifacts fetched from the object store are not left behind in the temp dir
+    leftovers = list(Path(tempfile.gettempdir()).glob(f"mindx-lora-{report['run_id']}-*"))
+    assert leftovers == []
