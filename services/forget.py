@@ -11,8 +11,9 @@ where its texts are read, goes last):
    goes out; then the models are deleted from the backend and their lineage says `retired`;
 3. the run files under the training dir: datasets lose the records, reports the cases, that
    hold the point (the HTML page is rendered again); anything else that holds it is deleted;
-4. the `training.completed`/`failed` events and the dead letters that hold it are erased (not
-   re-published: a redacted copy would be a second announcement of a finished run);
+4. the `training.completed`/`failed` events, the validation cases of runs in progress and the
+   dead letters that hold it are erased (not re-published: a redacted copy would be a second
+   announcement of a finished run);
 5. the object store's files of every affected run (a LoRA run's dataset, adapter and merged
    model) are erased, and a local LoRA worker's run dirs of those runs are deleted;
 6. its MEMORY messages are erased, and the corpus drops the point for good (`Corpus.forget`:
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 MEMORY_STREAM = next(s.name for s in subjects.STREAMS if s.subjects == ["memory.>"])
 TRAINING_STREAM = "TRAINING"
+VALIDATION_STREAM = subjects.VALIDATOR.stream  # the cases of runs in progress
 DLQ_STREAM = next(
     s.name for s in subjects.STREAMS if s.subjects == [f"{subjects.DEAD_LETTER_PREFIX}.>"]
 )
@@ -187,11 +189,13 @@ class Forgetter:
                     ">",
                     lambda _s, data: forgetting.holds(data, found),
                 )
-            ) + len(
-                await self.bus.erase_messages(
-                    DLQ_STREAM, ">", lambda _s, data: forgetting.holds(data, found)
-                )
             )
+            for stream in (VALIDATION_STREAM, DLQ_STREAM):
+                out.events_erased += len(
+                    await self.bus.erase_messages(
+                        stream, ">", lambda _s, data: forgetting.holds(data, found)
+                    )
+                )
         for run_id in sorted(runs):
             out.objects_erased += await self.bus.erase_objects(f"{run_id}/")
         out.files_deleted += await asyncio.to_thread(self._drop_worker_runs, runs)

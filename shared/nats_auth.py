@@ -234,7 +234,7 @@ FORGETTER_PERMS = (
     durable_consumer(FORGETTER)
     | _union(
         _pub(f"{_JS}.STREAM.MSG.GET.{s}", f"{_JS}.STREAM.MSG.DELETE.{s}")
-        for s in ("MEMORY", "TRAINING", DLQ_NAME, f"OBJ_{LORA_OBJECT_BUCKET}")
+        for s in ("MEMORY", "TRAINING", VALIDATOR.stream, DLQ_NAME, f"OBJ_{LORA_OBJECT_BUCKET}")
     )
     | publish(*_MODEL_ANSWERS, TRAINING_REQUESTED)  # the switch away, the retrain
     | publish(MEMORY_POINT_DELETED)  # `dlq replay` of a deletion that kept failing

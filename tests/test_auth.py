@@ -116,7 +116,7 @@ def test_a_deletion_comes_from_memory_or_the_operator_and_only_the_service_erase
         erases = {p for p in grants if ".STREAM.MSG.DELETE." in p and ".DLQ" not in p}
         assert not erases or role == "service", role  # the operator removes only dead letters
     service = ROLE_PERMISSIONS["service"].publish
-    for stream in ("MEMORY", "TRAINING", "DLQ", f"OBJ_{subjects.LORA_OBJECT_BUCKET}"):
+    for stream in ("MEMORY", "TRAINING", "VALIDATION", "DLQ", f"OBJ_{subjects.LORA_OBJECT_BUCKET}"):
         assert f"$JS.API.STREAM.MSG.DELETE.{stream}" in service, stream
         assert f"$JS.API.STREAM.MSG.GET.{stream}" in service, stream
 

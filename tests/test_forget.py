@@ -30,6 +30,7 @@ from shared.messages import (
     ModelLineage,
     ModelUpdated,
     TrainingRequested,
+    ValidationCase,
     encode,
 )
 from shared.nats_server import EmbeddedNats
@@ -393,3 +394,29 @@ async def test_a_deletion_that_fails_halfway_is_finished_by_its_redelivery(
             "TRAINING", subjects.TRAINING_REQUESTED, lambda _s, d: b"forget-" in d
         )
         assert len(requested) == 1
+
+
+async def test_the_cases_of_a_run_in_progress_that_hold_the_point_are_erased(
+    tmp_path: Path, bus: Bus, ollama_double: OllamaDouble, nats_server: EmbeddedNats
+) -> None:
+    batch = points(0, 40)
+    async with world(tmp_path, bus, ollama_double, nats_server) as w:
+        await w.lp.add(batch)
+        victim = next(p for p in batch if pairs_from_point(p))
+        line = distinctive(victim, batch)
+        pair = next(q for q in pairs_from_point(victim) if line in q.prompt + q.completion)
+        names = RunNames("20261129_000009")
+        for i, (prompt, expected) in enumerate(
+            [(pair.prompt, pair.completion), ("where is the station?", "north of here")]
+        ):
+            case = ValidationCase(
+                run_id=names.run_id, case_id=i, model=BASE, prompt=prompt, expected=expected
+            )
+            await bus.publish(names.case_subject, case)
+        needle = line.encode("utf-8")
+        assert holders(needle, nats_server.store_dir)  # the scan can fail
+        done = await w.forgetter.forget(victim.id)
+        assert done.events_erased == 1
+        left = await bus.find_messages(subjects.VALIDATOR.stream, ">", lambda _s, _d: True)
+        assert [b"north of here" in data for _, data in left] == [True]
+        assert holders(needle, nats_server.store_dir, w.lp.settings.data_path) == []
