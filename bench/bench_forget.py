@@ -9,7 +9,8 @@ the bus, with the collector, config updater, forgetter and trainer serving as in
 
 * `baked`: a point the live model holds: the config switches away at once, the model is
   retired, datasets and reports are scrubbed, events erased, a retrain is requested;
-* `plain`: a point only the datasets hold (not baked into any model).
+* `plain`: a point no model holds (the corpus, the MEMORY stream, perhaps a dataset or a
+  report hold it).
 
 The clock runs from the publish of the deletion to the forgetter's ack (polled every 20 ms);
 then every file of the data dir and of the NATS store is scanned for the point's text (the
