@@ -263,7 +263,8 @@ class Forgetter:
         for path in reports:
             try:
                 report = forgetting.scrub_report(read_report(path), found)
-                json_path, html_path = write_report(report, root, RunNames(report.run_id))
+                names = RunNames(_run_of(path, root) or report.run_id)  # the file's own name
+                json_path, html_path = write_report(report, root, names)
             except (OSError, ValueError, msgspec.DecodeError) as exc:
                 log.warning("cannot rewrite %s (%s): deleted", path, exc)
                 path.unlink(missing_ok=True)
