@@ -11,6 +11,7 @@ BENCHES = [
     "bench.bench_validation",
     "bench.bench_quality",
     "bench.bench_loop",
+    "bench.bench_forget",
     "bench.bench_lora",
 ]
 

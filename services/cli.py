@@ -340,6 +340,7 @@ COMPONENT_HELP = {
     "trainer": "runs the training requests",
     "validator": "answers validation cases (any number, anywhere)",
     "config-updater": "switches the app's config to a validated model, and rolls back",
+    "forgetter": "forgets deleted memory points everywhere (corpus, streams, run files, models)",
     "lora-worker": "trains LoRA jobs (on a GPU machine; not part of all)",
 }
 

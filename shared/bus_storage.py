@@ -7,10 +7,11 @@ A mixin of `shared.bus.Bus`, which provides the JetStream context and the denial
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -77,6 +78,74 @@ class Storage:
                 os.unlink(tmp)
             raise
         return dest
+
+    async def erase_objects(self, prefix: str) -> list[str]:
+        """Erase every object whose name starts with `prefix` (e.g. `<run_id>/`): its chunks and
+        its metadata messages are erased from the bucket's stream (no delete marker is left
+        that names it); returns the names erased."""
+        stream, meta = f"OBJ_{LORA_OBJECT_BUCKET}", f"$O.{LORA_OBJECT_BUCKET}.M.>"
+        found: dict[str, set[str]] = {}  # name -> nuids of its chunks
+
+        def ours(_: str, data: bytes) -> bool:
+            try:
+                info = json.loads(data)
+                name, nuid = str(info.get("name", "")), str(info.get("nuid") or "")
+            except (ValueError, AttributeError):
+                return False
+            if not name.startswith(prefix):
+                return False
+            found.setdefault(name, set()).add(nuid)
+            return True
+
+        await self.erase_messages(stream, meta, ours)
+        for nuid in {n for nuids in found.values() for n in nuids if n}:
+            chunks = f"$O.{LORA_OBJECT_BUCKET}.C.{nuid}"
+            await self.erase_messages(stream, chunks, lambda _s, _d: True)
+        return sorted(found)
+
+    # --- erasing messages -----------------------------------------------------------------------
+
+    async def erase_message(self, stream: str, seq: int) -> bool:
+        """Erase one message (its bytes overwritten in the store); False when it was gone."""
+        try:
+            return bool(await self._api(self._js.delete_msg(stream, seq)))
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot erase message {seq} of {stream}: {exc!r}") from exc
+
+    async def find_messages(
+        self, stream: str, subject: str, match: Callable[[str, bytes], bool]
+    ) -> list[tuple[int, bytes]]:
+        """`(sequence, payload)` of every message of `stream` on `subject` (wildcards work) for
+        which `match(subject, payload)` is true, in stream order ([] without the stream)."""
+        found: list[tuple[int, bytes]] = []
+        seq = 1
+        try:
+            while True:
+                try:
+                    msg = await self._api(self._js.get_msg(stream, seq, subject=subject, next=True))
+                except nats.js.errors.NotFoundError:  # nothing after `seq`, or no stream
+                    return found
+                seq = (msg.seq or seq) + 1
+                data = msg.data or b""
+                if match(msg.subject or "", data):
+                    found.append((msg.seq or 0, data))
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot read {stream} on {subject}: {exc!r}") from exc
+
+    async def erase_messages(
+        self, stream: str, subject: str, match: Callable[[str, bytes], bool]
+    ) -> list[bytes]:
+        """Erase every message `find_messages` finds; returns their payloads.
+
+        JetStream's message delete without `no_erase` overwrites the message where the server
+        stores it, so its bytes are gone from the store, not only hidden.
+        """
+        found = await self.find_messages(stream, subject, match)
+        for seq, _ in found:
+            await self.erase_message(stream, seq)
+        return [data for _, data in found]
 
     # --- key-value records --------------------------------------------------------------------
 

@@ -146,6 +146,11 @@ class Settings:
         return t if t.is_absolute() else self.data_path / t
 
     @property
+    def lora_work_path(self) -> Path:
+        """A LoRA worker's run dirs, one per run (its default work dir)."""
+        return self.data_path / "lora-worker"
+
+    @property
     def corpus_path(self) -> Path:
         return self.data_path / "corpus.sqlite3"
 

@@ -15,6 +15,7 @@ from shared.messages import (
     LoraJob,
     LoraJobDone,
     MemoryPoint,
+    MemoryPointDeleted,
     ModelUpdated,
     ModelUpdateFailed,
     ModelValidated,
@@ -32,6 +33,7 @@ from shared.messages import (
 
 # --- subjects -------------------------------------------------------------------------------
 MEMORY_POINT_CREATED = "memory.point.created"
+MEMORY_POINT_DELETED = "memory.point.deleted"
 TRAINING_REQUESTED = "training.requested"
 TRAINING_STARTED = "training.started"
 TRAINING_PROGRESS = "training.progress"  # + ".<run_id>"
@@ -227,6 +229,9 @@ class ConsumerSpec:
 
 
 COLLECTOR = ConsumerSpec("collector", "MEMORY", MEMORY_POINT_CREATED)
+# deletions are consumed apart from creations; the order between the two is kept by erasing the
+# point's messages from the stream and by the corpus's tombstone (shared.corpus)
+FORGETTER = ConsumerSpec("forgetter", "MEMORY", MEMORY_POINT_DELETED)
 TRAINER = ConsumerSpec("trainer", "TRAINING", TRAINING_REQUESTED, max_deliver=3)
 CONFIG_UPDATER = ConsumerSpec("config-updater", "MODEL", MODEL_VALIDATED)
 # what every config's rollback consumer is (config_rollback names one)
@@ -259,6 +264,7 @@ LORA_WORKER = ConsumerSpec("lora-worker", "LORA_JOBS", LORA_JOBS, max_deliver=3)
 # Keys are NATS subjects; a run-specific token is `*` (subscribe with the key as it is).
 PAYLOADS: dict[str, type[Payload]] = {
     MEMORY_POINT_CREATED: MemoryPoint,
+    MEMORY_POINT_DELETED: MemoryPointDeleted,
     TRAINING_REQUESTED: TrainingRequested,
     TRAINING_STARTED: TrainingStarted,
     f"{TRAINING_PROGRESS}.*": TrainingProgress,

@@ -30,7 +30,8 @@ def mindx_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_every_mindx_command_exists_and_its_flags_parse(compose: dict[str, Any]) -> None:
     services = mindx_services(compose)
-    assert {"collector", "trainer", "validator", "config-updater", "lora-worker"} <= set(services)
+    components = ("collector", "trainer", "validator", "config-updater", "forgetter", "lora-worker")
+    assert set(components) <= set(services)
     for name, service in services.items():
         try:
             cli.build_parser().parse_args(service["command"][1:])
@@ -64,7 +65,7 @@ def test_one_shot_steps_run_before_what_needs_them(compose: dict[str, Any]) -> N
     after("nats", "auth", "service_completed_successfully")
     after("init", "nats", "service_healthy")
     after("models", "ollama", "service_healthy")
-    for name in ("collector", "trainer", "validator", "config-updater", "lora-worker"):
+    for name in ("collector", "trainer", "validator", "config-updater", "forgetter", "lora-worker"):
         after(name, "init", "service_completed_successfully")
         after(name, "models", "service_completed_successfully")
     # the model step pulls the base and the embedding model
