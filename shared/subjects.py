@@ -148,6 +148,7 @@ class StreamSpec:
     subjects: list[str]
     retention: RetentionPolicy = RetentionPolicy.LIMITS
     max_age_s: float | None = None
+    replicas: int = 1  # copies on a cluster's nodes (`--stream-replicas`); 1 on a single server
 
 
 DAY_S = 24 * 3600
@@ -174,10 +175,17 @@ STREAMS: tuple[StreamSpec, ...] = (
 )
 
 
-def streams(memory_retention_days: float = MEMORY_RETENTION_DAYS) -> tuple[StreamSpec, ...]:
-    """STREAMS with the MEMORY stream keeping points for `memory_retention_days`."""
+def streams(
+    memory_retention_days: float = MEMORY_RETENTION_DAYS, replicas: int = 1
+) -> tuple[StreamSpec, ...]:
+    """STREAMS with the MEMORY stream keeping points for `memory_retention_days`, each stream
+    with `replicas` copies (a cluster's; its consumers have as many)."""
     return tuple(
-        replace(s, max_age_s=memory_retention_days * DAY_S) if s.name == "MEMORY" else s
+        replace(
+            s,
+            replicas=replicas,
+            max_age_s=memory_retention_days * DAY_S if s.name == "MEMORY" else s.max_age_s,
+        )
         for s in STREAMS
     )
 
@@ -195,6 +203,9 @@ RUNS = BucketSpec("mindx-runs", max_age_s=90 * 24 * 3600)
 # run id → the ModelLineage of the model the run created: kept as long as anything may ask what a
 # model was trained on (retention and forgetting read it), so it never expires
 MODELS = BucketSpec("mindx-models")
+# every key-value bucket: declared with the streams, with as many replicas (a bucket created
+# later, once a cluster node is down, could not be placed)
+BUCKETS = (RUNS, MODELS)
 
 
 # --- durable consumers ----------------------------------------------------------------------
