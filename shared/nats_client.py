@@ -201,6 +201,25 @@ def reconnect_options(initial_attempts: int) -> dict[str, Any]:
     }
 
 
+FLUSH_TRY_S = 2  # one ping's wait; a ping lost in a reconnect is sent again after it
+FLUSH_WITHIN_S = 30.0
+
+
+async def flush(nc: Client, within: float = FLUSH_WITHIN_S) -> None:
+    """`nc.flush()` that rides out a reconnect: nats-py forgets the pings awaiting their pong
+    when it reconnects, so a flush begun meanwhile would wait out its whole timeout; here each
+    ping waits FLUSH_TRY_S, and another is sent until `within` seconds have passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            await nc.flush(timeout=FLUSH_TRY_S)
+            return
+        except TimeoutError:  # nats' FlushTimeoutError too
+            if loop.time() >= deadline or nc.is_closed:
+                raise
+
+
 def redact_url(url: str) -> str:
     """The URL without its password or token (`nats://me:***@host:4222`)."""
     parts = []
@@ -263,8 +282,8 @@ class Denials:
         sub = await nc.subscribe(subject, queue=queue or "", cb=cb)
         # nats-py writes a flush's PING ahead of the queued SUB; by the first PONG the SUB is
         # on the wire, so the second ping follows it
-        await nc.flush()
-        await nc.flush()
+        await flush(nc)
+        await flush(nc)
         denied = self.denied(subject)
         if denied is not None:
             with contextlib.suppress(Exception):
