@@ -15,10 +15,11 @@ from pathlib import Path
 import nats.errors
 import pytest
 
-from services import app
+from services import app, cli
 from shared import subjects
 from shared.bus import Bus, Expect
 from shared.messages import MemoryPoint, TrainingFinished, TrainingRequested, decode
+from shared.nats_server import EmbeddedNats
 from shared.settings import Settings
 from tests.nats_cluster import NatsCluster
 from tests.ollama_double import OllamaDouble
@@ -58,11 +59,13 @@ async def until(what: str, ok: Callable[[], bool], timeout: float) -> float:  # 
 
 
 async def new_leader(bus: Bus, stream: str, old: str) -> float:
-    """When `stream` has a leader other than `old` (loop time); polled every 50 ms."""
+    """When `stream` has a leader other than `old` (loop time); polled every 50 ms, each ask
+    given 0.25 s (so the time measured is not a whole request timeout late)."""
     loop = asyncio.get_running_loop()
+    js = bus.nc.jetstream(timeout=0.25)
     while True:
         try:
-            info = await bus.js.stream_info(stream)
+            info = await js.stream_info(stream)
             if info.cluster is not None and info.cluster.leader not in (None, old):
                 return loop.time()
         except (nats.errors.Error, TimeoutError):
@@ -181,3 +184,40 @@ async def test_killing_the_memory_leader_loses_no_point_and_no_run(
         f"(stream: {after.state.messages} messages, leader now {after.cluster.leader}); "
         f"run {finished.run_id}: {finished.status} {done - killed:.1f}s after the kill"
     )
+
+
+async def test_raising_replicas_on_a_running_cluster_updates_streams_and_buckets(
+    cluster: NatsCluster,
+) -> None:
+    one = await Bus.connect(cluster.urls, name="r1", streams=subjects.streams(replicas=1))
+    try:
+        record = TrainingRequested(request_id="kept")
+        await one.put_record(subjects.RUNS, "run-1", record)
+    finally:
+        await one.close()
+    three = await Bus.connect(cluster.urls, name="r3", streams=subjects.streams(replicas=3))
+    try:
+        for spec in subjects.STREAMS:
+            assert (await three.js.stream_info(spec.name)).config.num_replicas == 3, spec.name
+        kv = [f"KV_{b.name}" for b in subjects.BUCKETS]
+        for stream in [*kv, f"OBJ_{subjects.LORA_OBJECT_BUCKET}"]:
+            assert (await three.js.stream_info(stream)).config.num_replicas == 3, stream
+        assert await three.get_record(subjects.RUNS, "run-1", TrainingRequested) == record
+    finally:
+        await three.close()
+
+
+async def test_replicas_on_a_single_server_fail_with_one_line(
+    tmp_path: Path, nats_server: EmbeddedNats, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["init", "--workspace", str(tmp_path), "--nats", nats_server.url]
+    # a refusal, not a hang: the server answers at once that it is not in a cluster
+    rc = await asyncio.wait_for(asyncio.to_thread(cli.main, [*argv, "--stream-replicas", "3"]), 60)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err == [
+        f"mindx init: --stream-replicas 3 needs a NATS cluster with JetStream, and "
+        f"{nats_server.url} is a single server: use --stream-replicas 1, or list the cluster's "
+        "nodes in --nats"
+    ]
+    assert await asyncio.to_thread(cli.main, argv) == 0  # 1, the default, works
