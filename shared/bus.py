@@ -62,7 +62,7 @@ from shared.bus_errors import (
     RemoteError,
     RequestTimeoutError,
 )
-from shared.bus_storage import TRANSIENT, Storage
+from shared.bus_storage import DECLARE_TRANSIENT, TRANSIENT, Storage
 from shared.messages import decode, encode
 from shared.nats_client import (
     Connecting,
@@ -295,7 +295,9 @@ class Bus(Storage, DeadLetters):
             config = _stream_config(spec)
             try:
                 try:
-                    await self._retry(functools.partial(self._js.add_stream, config))
+                    await self._retry(
+                        functools.partial(self._js.add_stream, config), on=DECLARE_TRANSIENT
+                    )
                 except nats.js.errors.BadRequestError as exc:
                     if exc.err_code == NOT_CLUSTERED:
                         raise self._not_clustered(spec.replicas) from exc
@@ -312,8 +314,12 @@ class Bus(Storage, DeadLetters):
 
     async def _update_stream(self, name: str, config: StreamConfig) -> None:
         try:
-            old = await self._retry(functools.partial(self._js.stream_info, name))
-            await self._retry(functools.partial(self._js.update_stream, config))
+            old = await self._retry(
+                functools.partial(self._js.stream_info, name), on=DECLARE_TRANSIENT
+            )
+            await self._retry(
+                functools.partial(self._js.update_stream, config), on=DECLARE_TRANSIENT
+            )
         except nats.js.errors.APIError as exc:
             if exc.err_code == NOT_CLUSTERED:
                 raise self._not_clustered(config.num_replicas or 1) from exc

@@ -20,11 +20,12 @@ from typing import TypeVar
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from shared.bus_errors import BusError, ObjectNotFoundError
 from shared.files import ensure_private_dir
@@ -45,11 +46,17 @@ TRANSIENT: tuple[type[Exception], ...] = (
     nats.errors.ConnectionReconnectingError,
     nats.errors.StaleConnectionError,
 )
+# Declaring streams and buckets: the same, except "no responders" from the JetStream API itself,
+# which means a server without JetStream (no election ends that).
+DECLARE_TRANSIENT: tuple[type[Exception], ...] = tuple(
+    e for e in TRANSIENT if e is not nats.errors.NoRespondersError
+)
 # An election takes a few seconds: retry for up to this long, then fail.
 RETRY_FOR_S = 30.0
 
 
 class Storage:
+    _nc: Client
     _js: JetStreamContext
     _objects: ObjectStore | None
     _buckets: dict[str, KeyValue]
@@ -69,19 +76,30 @@ class Storage:
             await self._kv(spec, create=True)
         await self._bucket()
         for stream in [f"KV_{spec.name}" for spec in BUCKETS] + [f"OBJ_{LORA_OBJECT_BUCKET}"]:
-            info = await self._retry(functools.partial(self._js.stream_info, stream))
+            info = await self._retry(
+                functools.partial(self._js.stream_info, stream), on=DECLARE_TRANSIENT
+            )
             if (info.config.num_replicas or 1) != self.replicas:
                 config = dataclasses.replace(info.config, num_replicas=self.replicas)
                 await self._update_stream(stream, config)
 
     async def _retry(
-        self, make: Callable[[], Awaitable[T]], *subjects: str, retry_for: float = RETRY_FOR_S
+        self,
+        make: Callable[[], Awaitable[T]],
+        *subjects: str,
+        on: tuple[type[Exception], ...] = TRANSIENT,
+        retry_for: float = RETRY_FOR_S,
     ) -> T:
-        """`make()`'s call through the denial guard, made again on a TRANSIENT error (with
+        """`make()`'s call through the denial guard, made again on an error of `on` (with
         backoff, for up to `retry_for` seconds; then the last error is raised). The call must
-        be safe to repeat: a publish keeps its Nats-Msg-Id, so the stream keeps one copy."""
+        be safe to repeat: a publish keeps its Nats-Msg-Id, so the stream keeps one copy.
+        A connection being drained or closed (this process stopping) is not waited for."""
+
+        def again(exc: BaseException) -> bool:
+            return isinstance(exc, on) and not (self._nc.is_draining or self._nc.is_closed)
+
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT),
+            retry=retry_if_exception(again),
             stop=stop_after_delay(retry_for),
             wait=wait_exponential(multiplier=0.1, max=1.0),
             reraise=True,
