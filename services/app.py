@@ -252,7 +252,9 @@ class Endpoint:
             name=f"mindx-{role}",
             auth=auth,
             manage_streams=role == "service",
-            streams=subjects.streams(self.settings.memory_retention_days),
+            streams=subjects.streams(
+                self.settings.memory_retention_days, self.settings.stream_replicas
+            ),
         )
         try:
             yield bus
@@ -554,9 +556,8 @@ async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
 async def init(settings: Settings) -> tuple[str, list[str]]:
     """Declare every stream on the configured bus, so what producers publish before any
     service starts is kept; returns the bus URL and the stream names."""
-    async with connect(settings) as bus:
-        await bus.ensure_streams()
-        return bus.url, [spec.name for spec in subjects.STREAMS]
+    async with connect(settings) as bus:  # declares the streams (and says what it could not)
+        return bus.url, [spec.name for spec in bus.streams]
 
 
 async def dead_letters(settings: Settings) -> list[DeadLetter]:

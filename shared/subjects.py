@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -158,6 +159,7 @@ class StreamSpec:
     subjects: list[str]
     retention: RetentionPolicy = RetentionPolicy.LIMITS
     max_age_s: float | None = None
+    replicas: int = 1  # copies on a cluster's nodes (`--stream-replicas`); 1 on a single server
 
 
 DAY_S = 24 * 3600
@@ -191,10 +193,37 @@ STREAMS: tuple[StreamSpec, ...] = (
 )
 
 
-def streams(memory_retention_days: float = MEMORY_RETENTION_DAYS) -> tuple[StreamSpec, ...]:
-    """STREAMS with the MEMORY stream keeping points for `memory_retention_days`."""
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: `*` is one token, a trailing `>` one or more."""
+    pat, sub = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(pat):
+        if tok == ">":
+            return len(sub) > i
+        if i >= len(sub) or (tok != "*" and tok != sub[i]):
+            return False
+    return len(pat) == len(sub)
+
+
+@lru_cache(maxsize=1024)
+def stream_for(subject: str) -> str | None:
+    """Name of the stream in STREAMS that captures `subject`, or None (core NATS only)."""
+    for spec in STREAMS:
+        if any(subject_matches(p, subject) for p in spec.subjects):
+            return spec.name
+    return None
+
+
+def streams(
+    memory_retention_days: float = MEMORY_RETENTION_DAYS, replicas: int = 1
+) -> tuple[StreamSpec, ...]:
+    """STREAMS with the MEMORY stream keeping points for `memory_retention_days`, each stream
+    with `replicas` copies (a cluster's; its consumers have as many)."""
     return tuple(
-        replace(s, max_age_s=memory_retention_days * DAY_S) if s.name == "MEMORY" else s
+        replace(
+            s,
+            replicas=replicas,
+            max_age_s=memory_retention_days * DAY_S if s.name == "MEMORY" else s.max_age_s,
+        )
         for s in STREAMS
     )
 
@@ -212,6 +241,9 @@ RUNS = BucketSpec("mindx-runs", max_age_s=90 * 24 * 3600)
 # run id → the ModelLineage of the model the run created: kept as long as anything may ask what a
 # model was trained on (retention and forgetting read it), so it never expires
 MODELS = BucketSpec("mindx-models")
+# every key-value bucket: declared with the streams, with as many replicas (a bucket created
+# later, once a cluster node is down, could not be placed)
+BUCKETS = (RUNS, MODELS)
 
 
 # --- durable consumers ----------------------------------------------------------------------

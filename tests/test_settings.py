@@ -51,6 +51,9 @@ REJECTED: list[tuple[dict[str, Any], str]] = [
     ({"mode": "fast"}, "mode must be one of"),
     ({"backend": "vllm"}, "backend must be one of"),
     ({"export": "zip"}, "export must be one of"),
+    ({"stream_replicas": 0}, r"stream_replicas must be in \[1, 5\]"),
+    ({"stream_replicas": 6}, r"stream_replicas must be in \[1, 5\]"),
+    ({"nats": " , "}, "nats must name at least one URL"),
 ]
 
 
@@ -195,3 +198,12 @@ def test_settings_never_show_a_password_or_token() -> None:
     assert "hunter2" not in shown and "s3cret" not in shown
     assert "nats://alice:***@bus:4222" in shown and "nats_user='bob'" in shown
     assert "t0k" not in repr(Settings(nats="nats://t0k@bus:4222", nats_token="t0k"))
+
+
+def test_several_nats_urls_and_replicas_come_from_flags_or_the_environment() -> None:
+    urls = "nats://a:4222,nats://b:4222, nats://c:4222"
+    s = Settings.load({}, env={"NATS_URL": urls, "MINDX_STREAM_REPLICAS": "3"})
+    assert (s.nats, s.stream_replicas) == (urls, 3)
+    flag = Settings.load({"stream_replicas": 5}, env={"MINDX_STREAM_REPLICAS": "3"})
+    assert flag.stream_replicas == 5
+    assert Settings().stream_replicas == 1  # a single server's
