@@ -12,6 +12,7 @@ BENCHES = [
     "bench.bench_local_batch",
     "bench.bench_quality",
     "bench.bench_loop",
+    "bench.bench_forget",
     "bench.bench_lora",
 ]
 

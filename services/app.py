@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -172,6 +173,14 @@ async def _config_updater(bus: Any, res: Resources) -> list[Any]:
     return await config_updater.serve(bus, res.settings, await res.backend())
 
 
+async def _forgetter(bus: Any, res: Resources) -> list[Any]:
+    from services import config_updater, forget
+
+    backend = await res.backend()
+    updater = config_updater.updater_for(bus, res.settings, backend)
+    return [await forget.serve(bus, res.settings, res.corpus(), backend, updater)]
+
+
 async def _lora_worker(bus: Any, res: Resources) -> list[Any]:
     from training import worker  # torch: loaded only where a worker runs
 
@@ -183,10 +192,11 @@ COMPONENTS: dict[str, Starter] = {
     "trainer": _trainer,
     "validator": _validator,
     "config-updater": _config_updater,
+    "forgetter": _forgetter,
     "lora-worker": _lora_worker,
 }
 # `all` is what one machine without a GPU needs; LoRA workers are started on purpose.
-ALL = ("collector", "trainer", "validator", "config-updater")
+ALL = ("collector", "trainer", "validator", "config-updater", "forgetter")
 
 
 async def start(bus: Any, res: Resources, names: Sequence[str]) -> list[Any]:
@@ -242,7 +252,9 @@ class Endpoint:
             name=f"mindx-{role}",
             auth=auth,
             manage_streams=role == "service",
-            streams=subjects.streams(self.settings.memory_retention_days),
+            streams=subjects.streams(
+                self.settings.memory_retention_days, self.settings.stream_replicas
+            ),
         )
         try:
             yield bus
@@ -365,6 +377,38 @@ async def import_memory(settings: Settings, files: Sequence[Path]) -> Imported:
         finally:
             await stop(services)
     return imported
+
+
+FORGET_WAIT_S = 600  # until the forgetter has erased every point asked for
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    ids: list[int]
+    done: bool  # True: forgotten here (the embedded bus); False: published for the services
+    seconds: float
+
+
+async def forget(settings: Settings, ids: Sequence[int]) -> ForgetRequest:
+    """Publish `memory.point.deleted` for each id (as the operator). On the embedded bus (no
+    `--nats`), the forgetter runs here, and this returns once every point is forgotten."""
+    from shared.messages import MemoryPointDeleted
+
+    started = time.perf_counter()
+    async with endpoint(settings) as where, where.connect("operator") as operator:
+        if where.keys is None:  # a bus of running services: their forgetter does it
+            for i in ids:
+                await operator.publish(subjects.MEMORY_POINT_DELETED, MemoryPointDeleted(id=i))
+            return ForgetRequest(list(ids), False, time.perf_counter() - started)
+        async with where.connect("service") as bus, resources(settings) as res:
+            services = await start(bus, res, ["forgetter"])
+            try:
+                for i in ids:
+                    await operator.publish(subjects.MEMORY_POINT_DELETED, MemoryPointDeleted(id=i))
+                await bus.wait_idle(subjects.FORGETTER, timeout=FORGET_WAIT_S)
+            finally:
+                await stop(services)
+    return ForgetRequest(list(ids), True, time.perf_counter() - started)
 
 
 async def serve_until(
@@ -512,9 +556,8 @@ async def rollback(settings: Settings, backup: str | None) -> ModelUpdated:
 async def init(settings: Settings) -> tuple[str, list[str]]:
     """Declare every stream on the configured bus, so what producers publish before any
     service starts is kept; returns the bus URL and the stream names."""
-    async with connect(settings) as bus:
-        await bus.ensure_streams()
-        return bus.url, [spec.name for spec in subjects.STREAMS]
+    async with connect(settings) as bus:  # declares the streams (and says what it could not)
+        return bus.url, [spec.name for spec in bus.streams]
 
 
 async def dead_letters(settings: Settings) -> list[DeadLetter]:

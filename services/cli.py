@@ -56,7 +56,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--training-dir", dest="training_dir", help="run files (default: training)")
     g.add_argument("--watermark", help="last-train-time file (relative: to --workspace)")
     g.add_argument(
-        "--nats", help="NATS URL, user:password@ allowed (default: NATS_URL, else embedded)"
+        "--nats",
+        help="NATS URL, user:password@ allowed; a cluster's nodes comma-separated "
+        "(default: NATS_URL, else embedded)",
+    )
+    g.add_argument(
+        "--stream-replicas",
+        dest="stream_replicas",
+        type=int,
+        metavar="N",
+        help="copies of each stream and bucket on a NATS cluster, 1-5; 3 survives losing a "
+        "node; raising it updates existing streams (default: 1)",
     )
     _nats_flags(p)
     g.add_argument("--backend", choices=["ollama", "local"], help="model backend")
@@ -342,6 +352,7 @@ COMPONENT_HELP = {
     "trainer": "runs the training requests",
     "validator": "answers validation cases (any number, anywhere)",
     "config-updater": "switches the app's config to a validated model, and rolls back",
+    "forgetter": "forgets deleted memory points everywhere (corpus, streams, run files, models)",
     "lora-worker": "trains LoRA jobs (on a GPU machine; not part of all)",
 }
 

@@ -1,5 +1,5 @@
-"""The operator's commands: `doctor`, `status`, `watch`, `dlq replay|purge`. Flags, one library
-call (services.app, services.operator) and the rendering (services.cli_render)."""
+"""The operator's commands: `doctor`, `status`, `watch`, `forget`, `dlq replay|purge`. Flags,
+one call (services.app, services.operator) and the rendering (services.cli_render)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,17 @@ def add_commands(sub: Any, dlq: Any, common: Common) -> None:
     p.add_argument("--json", action="store_true", help="print the run's end as JSON")
     p.set_defaults(func=cmd_watch)
 
+    p = sub.add_parser(
+        "forget",
+        help="forget memory points everywhere: corpus, streams, run files, models "
+        "(publishes memory.point.deleted)",
+    )
+    common(p)
+    p.add_argument(
+        "ids", nargs="+", type=point_id, metavar="ID", help="the memory points' ids (int64)"
+    )
+    p.set_defaults(func=cmd_forget)
+
     q = dlq.add_parser(
         "replay",
         help="re-publish dead letters to their original subject and remove them",
@@ -95,6 +106,27 @@ def add_commands(sub: Any, dlq: Any, common: Common) -> None:
         "--yes", action="store_true", help="remove them (default: only say how many there are)"
     )
     q.set_defaults(func=cmd_dlq_purge)
+
+
+def point_id(text: str) -> int:
+    """A memory point id: a signed 64-bit integer, as `memory.point.created` carries it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer id") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is outside the 64-bit range of point ids")
+    return value
+
+
+async def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    done = await app.forget(settings, args.ids)
+    ids = " ".join(str(i) for i in done.ids)
+    if done.done:
+        print(f"forgot memory point(s) {ids} in {done.seconds:.2f} s")
+    else:
+        print(f"asked the forgetter to forget memory point(s) {ids} (memory.point.deleted)")
+    return EXIT_OK
 
 
 async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:

@@ -230,7 +230,9 @@ async def on_memory_point(point: MemoryPoint, delivery: Delivery | None, corpus:
 
 
 async def on_memory_points(
-    batch: Sequence[tuple[MemoryPoint, Delivery | None]], corpus: Corpus
+    batch: Sequence[tuple[MemoryPoint, Delivery | None]],
+    corpus: Corpus,
+    bus: Bus | None = None,
 ) -> list[Upsert]:
     """Store the pairs of every point of a fetched batch; an outcome per point, in order.
 
@@ -243,8 +245,14 @@ async def on_memory_points(
     items = [(stored, pairs) for stored, pairs, _ in private]
     # one short local transaction (~1-3 ms for a batch): cheaper inline than a thread hop
     outcomes = corpus.upsert_points(items, [withheld for _, _, withheld in private])
+    if bus is not None:
+        # a late copy of a forgotten point: kept out of the corpus, and erased from the stream
+        for (point, delivery), outcome in zip(batch, outcomes, strict=True):
+            if outcome == "forgotten" and delivery is not None:
+                log.info("point %s was forgotten: its late copy is erased", point.id)
+                await bus.erase_message(COLLECTOR.stream, delivery.stream_seq)
     for (point, pairs, withheld), outcome in zip(private, outcomes, strict=True):
-        if not pairs and outcome != "unchanged":  # logged when stored, not per redelivery
+        if not pairs and outcome in ("added", "updated"):  # logged when stored, not per redelivery
             why = "every pair held a secret" if withheld else why_no_pairs(point)
             log.warning("point %s yields no pair: %s", point.id, why)
     if log.isEnabledFor(logging.DEBUG):
@@ -289,7 +297,7 @@ async def serve(bus: Bus, settings: Settings, corpus: Corpus | None = None) -> C
         inner = await bus.serve_batch(
             COLLECTOR,
             MemoryPoint,
-            functools.partial(on_memory_points, corpus=store),
+            functools.partial(on_memory_points, corpus=store, bus=bus),
             batch=FETCH_BATCH,
         )
     except BaseException:

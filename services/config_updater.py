@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -73,6 +74,7 @@ from shared.messages import (
     RunRecord,
     utc_now,
 )
+from shared.names import same_model
 
 if TYPE_CHECKING:
     from shared.backend import Backend
@@ -371,6 +373,7 @@ class ConfigUpdater:
                 await self._failed(run_id, exc)
                 return
             log.info("rolled back %s to %s (left: %s)", self.config_path, r.restored_from, r.model)
+            await self._drop_gone_entries(r.model)
             restored = self._restored(r.model)
             event = ModelUpdated(
                 run_id=run_id,
@@ -391,6 +394,56 @@ class ConfigUpdater:
             )
             if key:
                 self._mark_published(key, event)
+
+    async def retire(
+        self,
+        models: Collection[str],
+        *,
+        switch_to: str | None,
+        switch_run: str | None,
+        request_id: str,
+        reason: str,
+    ) -> ModelUpdated | None:
+        """Drop the `models` entries of `models` and, when the config's live model is one of
+        them, point it at `switch_to` at once (with a backup) and announce `model.updated`;
+        the event, or None when the live model stays. Forgetting calls it before it deletes the
+        models from the backend, so the Brain never names a model that is gone."""
+        async with self._lock, config_lock(self.config_path):
+            if not self.config_path.exists():
+                return None
+            config = read_config(self.config_path)
+            current = left_model(config, self.key_path)
+            live_goes = current is not None and any(same_model(current, m) for m in models)
+            updated, previous = config, current
+            if live_goes and switch_to:
+                updated, previous = apply_left_model(
+                    config, new_model=switch_to, base_model=switch_to, key_path=self.key_path
+                )
+            updated = without_entries(updated, [m for m in models if m != switch_to])
+            if updated == config:
+                return None
+            made = backup_config(self.config_path) if live_goes else None
+            write_config(self.config_path, updated)
+            self._prune()
+            if not live_goes:
+                return None
+            event = ModelUpdated(
+                run_id=request_id,
+                role="left",
+                model=switch_to or "",
+                previous_model=previous,
+                config_path=str(self.config_path),
+                backup_path=str(made) if made else None,
+                model_entry=model_entry(updated, switch_to or ""),
+                request_id=request_id,
+                restored_run_id=switch_run,
+                reason=reason,
+            )
+            await self.bus.publish(
+                subjects.MODEL_UPDATED, event, msg_id=f"{subjects.MODEL_UPDATED}.{request_id}"
+            )
+            log.info("%s: the live model %s is now %s", reason, previous, switch_to)
+            return event
 
     def _restored(self, model: str | None) -> tuple[dict[str, Any], str | None]:
         """The restored model's config entry, and the newest applied run that built it (None:
@@ -413,7 +466,7 @@ class ConfigUpdater:
             return
         try:
             record = await self.models.load(run_id)
-            if record is not None and record.status == "candidate":
+            if record is not None and record.status in ("candidate", "unconfirmed"):
                 await self.models.save(
                     msgspec.structs.replace(record, status="promoted", promoted_at=utc_now())
                 )
@@ -451,6 +504,24 @@ class ConfigUpdater:
                 )
         except Exception as exc:  # the update itself succeeded; the next one prunes again
             log.warning("retention of models in %s failed: %s", self.config_path, exc)
+
+    async def _drop_gone_entries(self, keep: str | None) -> None:
+        """After a restore: drop the `models` entries of models retired or rejected since the
+        backup was made (the backend no longer has them), except the restored left model."""
+        if self.models is None:
+            return
+        try:
+            gone = [
+                x.model
+                for x in await self.models.lineages()
+                if x.status in ("retired", "rejected") and not same_model(x.model, keep or "")
+            ]
+            config = read_config(self.config_path)
+            pruned = without_entries(config, gone)
+            if pruned != config:
+                write_config(self.config_path, pruned)
+        except Exception as exc:  # the rollback itself succeeded; the next update prunes again
+            log.warning("entries of retired models stay in %s: %s", self.config_path, exc)
 
     async def _check_restorable(self, backup: str) -> None:
         """ModelGone when the backup's left model is no longer on the backend."""
@@ -501,9 +572,9 @@ class ConfigUpdater:
         save_applied(self.config_path, runs)
 
 
-async def serve(bus: Bus, settings: Settings, backend: Backend) -> list[Service]:
-    """Start both durable consumers; the caller stops the returned services."""
-    updater = ConfigUpdater(
+def updater_for(bus: Bus, settings: Settings, backend: Backend) -> ConfigUpdater:
+    """The updater of the settings' config, with lineage and retention on the bus."""
+    return ConfigUpdater(
         bus,
         verifier=RunVerifier(bus, backend),
         config_path=settings.config_path,
@@ -513,6 +584,11 @@ async def serve(bus: Bus, settings: Settings, backend: Backend) -> list[Service]
         keep_models=settings.keep_models,
         init_config=settings.init_config,
     )
+
+
+async def serve(bus: Bus, settings: Settings, backend: Backend) -> list[Service]:
+    """Start both durable consumers; the caller stops the returned services."""
+    updater = updater_for(bus, settings, backend)
     return [
         await bus.serve(subjects.CONFIG_UPDATER, ModelValidated, updater.on_model_validated),
         await bus.serve(

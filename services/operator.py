@@ -38,6 +38,7 @@ REPLAYABLE = tuple(
     spec.subject
     for spec in (
         subjects.COLLECTOR,
+        subjects.FORGETTER,  # a deletion that kept failing (a backend down) is done again
         subjects.TRAINER,
         subjects.CONFIG_UPDATER,
         subjects.CONFIG_ROLLBACK,

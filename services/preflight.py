@@ -68,7 +68,7 @@ def needs_of(components: Sequence[str]) -> Needs:
     none of it: the worker resolves its base per job, the collector only stores points)."""
     names = set(components)
     return Needs(
-        config="config-updater" in names,
+        config=bool(names & {"config-updater", "forgetter"}),
         memory="trainer" in names,
         # a config updater asks the backend only whether a validated model exists, and rolls
         # back without it: it starts without one

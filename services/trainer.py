@@ -83,6 +83,11 @@ class ChunkedEmbedder:
         return np.concatenate(parts)
 
 
+class PointsForgotten(Exception):
+    """Memory points the run read were forgotten while it ran: it stops, and keeps no file or
+    model that holds them."""
+
+
 class RunDeadlineExceeded(Exception):
     """The run took longer than its deadline (`--run-timeout`): a hung model server, say."""
 
@@ -254,6 +259,10 @@ class Trainer:
             run.report.error = f"{type(exc).__name__}: {exc}"
             if run.lineage is not None and run.lineage.status == "candidate":
                 await self._discard(run, f"the run failed: {run.report.error}")
+            if isinstance(exc, PointsForgotten):
+                for name in (names.dataset_file, names.modelfile_file):
+                    (s.training_path / name).unlink(missing_ok=True)
+                run.report.artifacts.clear()
         report = run.report
         if run.record is not None:  # validators stop serving it; a late model.validated matches
             try:
@@ -328,7 +337,9 @@ class Trainer:
             report.incumbent_model = incumbent
             await self._record(run, msgspec.structs.replace(run.record, incumbent_model=incumbent))
 
-        # 4. run files
+        # 4. run files (none for a point forgotten meanwhile)
+        read = {p.point_id for p in snapshot.pairs}
+        await self._check_forgotten(read)
         async with run.stage("generate"):
             new_model = run.names.model_name(s.base_model)
             vectors = await self.embedder.embed([embedding_text(p) for p in split.train])
@@ -377,6 +388,7 @@ class Trainer:
         report.training_time = round(time.perf_counter() - t_train, 3)
         async with run.stage("validate_new"):
             new_results = await self._validate(run, "validate_new", new_model, split.held_out)
+        await self._check_forgotten(read)  # before anything decides on the model
 
         # 7. decide
         verdict = pipeline.judge(split.held_out, base_results, new_results, s, live_results)
@@ -424,7 +436,14 @@ class Trainer:
                 if outcome.startswith("config update failed"):  # no updater will apply it
                     await self._discard(run, outcome)
                 else:  # model.validated waits on the bus: the model must still be there
+                    run.lineage = msgspec.structs.replace(run.lineage, status="unconfirmed")
                     await lineage.save(self.bus, run.lineage, s.training_path)
+
+    async def _check_forgotten(self, read: set[int]) -> None:
+        gone = sorted(read & await asyncio.to_thread(self.corpus.forgotten_ids))
+        if gone:
+            ids = ", ".join(str(i) for i in gone[:10]) + (" ..." if len(gone) > 10 else "")
+            raise PointsForgotten(f"memory point(s) {ids} were forgotten during the run")
 
     async def _incumbent(self, s: Settings) -> str | None:
         """The config's live model when it is not the base and the backend still has it."""

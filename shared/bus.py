@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -41,7 +41,6 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from shared.bus_consumer import (
     MSG_ID_HEADER,
@@ -62,14 +61,23 @@ from shared.bus_errors import (
     RemoteError,
     RequestTimeoutError,
 )
-from shared.bus_storage import Storage
+from shared.bus_storage import DECLARE_TRANSIENT, TRANSIENT, Storage
 from shared.bus_work import QueueLoad, WorkQueues
 from shared.messages import decode, encode
-from shared.nats_client import Connecting, Denials, NatsAuth, redact_url
+from shared.nats_client import (
+    Connecting,
+    Denials,
+    NatsAuth,
+    reconnect_options,
+    redact_url,
+    server_urls,
+)
 from shared.subjects import (
     STREAMS,
     ConsumerSpec,
     StreamSpec,
+    stream_for,
+    subject_matches,
 )
 
 __all__ = [
@@ -107,29 +115,6 @@ ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
 
-# --- subject → stream (pure) --------------------------------------------------------------------
-
-
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard match: `*` is one token, a trailing `>` one or more."""
-    pat, sub = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(pat):
-        if tok == ">":
-            return len(sub) > i
-        if i >= len(sub) or (tok != "*" and tok != sub[i]):
-            return False
-    return len(pat) == len(sub)
-
-
-@lru_cache(maxsize=1024)
-def stream_for(subject: str) -> str | None:
-    """Name of the stream in STREAMS that captures `subject`, or None (core NATS only)."""
-    for spec in STREAMS:
-        if any(subject_matches(p, subject) for p in spec.subjects):
-            return spec.name
-    return None
-
-
 def _stream_config(spec: StreamSpec) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
@@ -137,7 +122,12 @@ def _stream_config(spec: StreamSpec) -> StreamConfig:
         retention=spec.retention,
         max_age=spec.max_age_s,
         storage=StorageType.FILE,
+        num_replicas=spec.replicas,
     )
+
+
+# JetStream's answer when a stream asks for replicas and the server is not in a cluster
+NOT_CLUSTERED = 10074
 
 
 def _header_text(text: str, limit: int = 1024) -> str:
@@ -166,8 +156,18 @@ class Expect(Generic[T]):
 class Bus(Storage, DeadLetters, WorkQueues):
     """A NATS connection with the project's streams, consumers and conventions."""
 
-    def __init__(self, nc: Client, url: str, denials: Denials | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        url: str,
+        denials: Denials | None = None,
+        *,
+        streams: Sequence[StreamSpec] = STREAMS,
+        replicas: int = 1,
+    ) -> None:
         self.url = redact_url(url)  # printable: no password or token
+        self.streams = tuple(streams)  # what ensure_streams declares
+        self.replicas = replicas  # of the buckets this bus creates
         self._nc = nc
         self._js = nc.jetstream()
         self._services: list[Service] = []
@@ -203,9 +203,13 @@ class Bus(Storage, DeadLetters, WorkQueues):
         streams: Sequence[StreamSpec] = STREAMS,
         auth: NatsAuth | None = None,
         manage_streams: bool = True,
+        replicas: int | None = None,
     ) -> Bus:
-        """Connect (trying `attempts` times) as `auth`'s identity, then create or update every
-        stream of `streams` (unless `manage_streams` is False: a client that only uses them)."""
+        """Connect (trying each server `attempts` times) as `auth`'s identity, then create or
+        update every stream of `streams` (unless `manage_streams` is False: a client that only
+        uses them). `url` may name several servers, comma-separated (a cluster's nodes): the
+        connection moves to another one when its server goes. `replicas`: of the buckets this
+        bus creates (default: the streams' own)."""
         nc: Client | None = None
         denials = Denials(PermissionDeniedError)
         shown = redact_url(url)
@@ -230,13 +234,13 @@ class Bus(Storage, DeadLetters, WorkQueues):
 
         try:
             options = auth.connect_kwargs() if auth is not None else {}
+            servers = server_urls(url)
             nc = await connecting.run(
                 nats.connect(
-                    url,
+                    servers,
                     name=name,
                     connect_timeout=connect_timeout,
-                    reconnect_time_wait=0.5,
-                    max_reconnect_attempts=attempts,
+                    **reconnect_options(attempts),
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
@@ -246,38 +250,72 @@ class Bus(Storage, DeadLetters, WorkQueues):
         except Exception as exc:
             why = connecting.reason(exc)
             raise BusError(f"cannot connect to NATS at {shown}: {why}") from exc
-        # Once up, a service rides out server restarts of any length.
+        # Once up, a service rides out server restarts and node losses of any length.
         nc.options["max_reconnect_attempts"] = -1
-        bus = cls(nc, url, denials)
+        if replicas is None:
+            replicas = max((s.replicas for s in streams), default=1)
+        bus = cls(nc, url, denials, streams=streams, replicas=replicas)
         try:
             if manage_streams:
-                await bus.ensure_streams(streams)
+                await bus.ensure_streams()
         except BaseException:
             await nc.close()
             raise
         return bus
 
-    async def ensure_streams(self, streams: Sequence[StreamSpec] = STREAMS) -> None:
-        """Create missing streams and update changed ones (idempotent; file storage).
+    async def ensure_streams(self, streams: Sequence[StreamSpec] | None = None) -> None:
+        """Create missing streams and update changed ones (idempotent; file storage), e.g. a
+        new max_age or replica count; then the buckets, with this bus's replica count.
+        `streams`: default, the ones this bus was connected with.
 
         A user not permitted to manage streams uses them as they are (someone else set them up).
+        Replicas on a single server, or more than the cluster can place, fail with one line.
         """
-        for spec in streams:
+        for spec in self.streams if streams is None else streams:
             config = _stream_config(spec)
             try:
                 try:
-                    await self._api(self._js.add_stream(config))
-                except nats.js.errors.BadRequestError:
-                    # Exists with another config (e.g. an older max_age): update in place.
-                    try:
-                        await self._api(self._js.update_stream(config))
-                    except nats.js.errors.APIError as exc:
-                        raise BusError(
-                            f"stream {spec.name} exists with incompatible config: {exc}"
-                        ) from exc
+                    await self._retry(
+                        functools.partial(self._js.add_stream, config), on=DECLARE_TRANSIENT
+                    )
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code == NOT_CLUSTERED:
+                        raise self._not_clustered(spec.replicas) from exc
+                    # Exists with another config (an older max_age, other replicas): update.
+                    await self._update_stream(spec.name, config)
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code == NOT_CLUSTERED:
+                        raise self._not_clustered(spec.replicas) from exc
+                    raise BusError(f"cannot create stream {spec.name}: {exc.description}") from exc
             except PermissionDeniedError as exc:
                 log.info("streams are not ours to manage (%s); using them as they are", exc)
                 return
+        await self.ensure_buckets()
+
+    async def _update_stream(self, name: str, config: StreamConfig) -> None:
+        try:
+            old = await self._retry(
+                functools.partial(self._js.stream_info, name), on=DECLARE_TRANSIENT
+            )
+            await self._retry(
+                functools.partial(self._js.update_stream, config), on=DECLARE_TRANSIENT
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == NOT_CLUSTERED:
+                raise self._not_clustered(config.num_replicas or 1) from exc
+            raise BusError(
+                f"stream {name} exists with a config it cannot be changed to "
+                f"({exc.description}); change or delete the stream by hand (nats stream edit)"
+            ) from exc
+        was = old.config.num_replicas or 1
+        if was != (config.num_replicas or 1):
+            log.warning("stream %s: replicas %d -> %d", name, was, config.num_replicas)
+
+    def _not_clustered(self, replicas: int) -> BusError:
+        return BusError(
+            f"--stream-replicas {replicas} needs a NATS cluster with JetStream, and {self.url} "
+            "is a single server: use --stream-replicas 1, or list the cluster's nodes in --nats"
+        )
 
     async def close(self) -> None:
         """Stop every service (handing back unfinished messages), then drain the connection."""
@@ -324,18 +362,10 @@ class Bus(Storage, DeadLetters, WorkQueues):
         # js.publish adds the expected-stream header; it counts against max_payload too
         self._check_size(subject, data, {**headers, Header.EXPECTED_STREAM: stream})
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(
-                    (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)
-                ),
-                stop=stop_after_attempt(4),
-                wait=wait_exponential(multiplier=0.25, max=2.0),
-                reraise=True,
-            ):
-                with attempt:
-                    await self._api(
-                        self._js.publish(subject, data, stream=stream, headers=headers), subject
-                    )
+            # The same message id on every try: the stream keeps one copy (exactly once).
+            await self._retry(
+                lambda: self._js.publish(subject, data, stream=stream, headers=headers), subject
+            )
         except PermissionDeniedError:
             raise
         except Exception as exc:
@@ -507,6 +537,8 @@ class Bus(Storage, DeadLetters, WorkQueues):
                 state = f"{info.num_pending} pending, {info.num_ack_pending} awaiting ack"
             except nats.js.errors.NotFoundError:
                 pass
+            except TRANSIENT as exc:  # a leader election, a reconnect: ask again
+                state = f"consumer info failed: {exc!r}"
             if loop.time() >= deadline:
                 raise RequestTimeoutError(f"{spec.durable} not idle after {timeout:g}s: {state}")
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))

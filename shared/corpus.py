@@ -37,7 +37,8 @@ from shared.messages import MemoryPoint, Pair
 
 log = logging.getLogger(__name__)
 
-Upsert = Literal["added", "updated", "unchanged"]
+# forgotten: a version up to a deletion of the point (`Corpus.forget`): never stored again
+Upsert = Literal["added", "updated", "unchanged", "forgotten"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
@@ -59,6 +60,10 @@ CREATE TABLE IF NOT EXISTS pairs (
     keywords    TEXT NOT NULL,   -- JSON list
     created_at  TEXT,
     PRIMARY KEY (point_id, turn)
+);
+CREATE TABLE IF NOT EXISTS forgotten (  -- deleted points: only the id and what was deleted
+    id          INTEGER PRIMARY KEY,
+    version     TEXT NOT NULL     -- a version up to this one is never stored again
 );
 CREATE TABLE IF NOT EXISTS withheld (  -- pairs the collector kept out, counted, never their text
     point_id    INTEGER NOT NULL REFERENCES points (id) ON DELETE CASCADE,
@@ -265,6 +270,9 @@ class _Store:
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             conn.execute("PRAGMA foreign_keys=ON")
+            # a deleted row's bytes are overwritten with zeros (a replaced version, a forgotten
+            # point): free space never holds old text
+            conn.execute("PRAGMA secure_delete=ON")
             conn.executescript(_SCHEMA)
             _migrate(conn)
             key = _file_key(path)
@@ -429,14 +437,25 @@ class Corpus:
                         ).fetchall()
                     )
                 existed = set(stored)
+                tombs: dict[int, str] = {}
+                for i in range(0, len(ids), _MAX_PARAMS):
+                    chunk = ids[i : i + _MAX_PARAMS]
+                    marks = ",".join("?" * len(chunk))
+                    for pid, version in conn.execute(
+                        f"SELECT id, version FROM forgotten WHERE id IN ({marks})", chunk
+                    ):
+                        # forgotten: only a version after the deletion comes back
+                        stored[pid] = max(stored.get(pid) or version, version)
+                        tombs[pid] = version
                 winners: dict[int, int] = {}  # id -> index of the item whose version is kept
                 for index, (row, _) in enumerate(prepared):
                     pid, version = row[0], row[4]
                     current = stored.get(pid)
                     if current is not None and version <= current:
-                        outcomes.append("unchanged")
+                        gone = pid in tombs and version <= tombs[pid] and pid not in winners
+                        outcomes.append("forgotten" if gone else "unchanged")
                         continue
-                    outcomes.append("added" if current is None else "updated")
+                    outcomes.append("updated" if pid in existed or pid in winners else "added")
                     stored[pid] = version
                     winners[pid] = index
                 if not winners:
@@ -471,6 +490,98 @@ class Corpus:
                 sum(len(prepared[i][0][5]) + 200 * len(prepared[i][1]) for i in winners.values())
             )
         return outcomes
+
+    def forget(self, point_id: int, at: datetime) -> bool:
+        """Delete the point and its pairs for good; True when the corpus held it.
+
+        Deleted rows are overwritten (`secure_delete`) and the WAL is checkpointed and truncated,
+        so no file of the corpus keeps the point's bytes. A tombstone (the id and the newest of
+        the deleted version and `at`) makes a late copy of the point, up to that version, stay
+        out; a version after the deletion is a new point and is stored.
+        """
+        store = self._live()
+        with store.lock:
+            conn = store.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT version FROM points WHERE id = ?", (point_id,)
+                ).fetchone()
+                old = conn.execute(
+                    "SELECT version FROM forgotten WHERE id = ?", (point_id,)
+                ).fetchone()
+                version = max(v for v in (_iso(at), row and row[0], old and old[0]) if v)
+                conn.execute("DELETE FROM pairs WHERE point_id = ?", (point_id,))
+                conn.execute("DELETE FROM withheld WHERE point_id = ?", (point_id,))
+                conn.execute("DELETE FROM points WHERE id = ?", (point_id,))
+                conn.execute(
+                    "INSERT OR REPLACE INTO forgotten (id, version) VALUES (?, ?)",
+                    (point_id, version),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            # every frame of the WAL, old versions of the pages included, is copied back and
+            # the file is cut to zero (readers of other processes: waited for, busy_timeout)
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                log.warning("the corpus WAL is still in use; it is truncated by the next forget")
+        return row is not None
+
+    def forgotten_ids(self) -> set[int]:
+        """Every forgotten point not stored again since."""
+        store = self._live()
+        with store.lock:
+            rows = store.conn.execute(
+                "SELECT id FROM forgotten f WHERE NOT EXISTS (SELECT 1 FROM points p"
+                " WHERE p.id = f.id)"
+            ).fetchall()
+        return {pid for (pid,) in rows}
+
+    def forgotten(self, point_id: int) -> bool:
+        """Whether the point was forgotten (and not stored again since)."""
+        store = self._live()
+        with store.lock:
+            gone = store.conn.execute(
+                "SELECT 1 FROM forgotten f WHERE id = ?"
+                " AND NOT EXISTS (SELECT 1 FROM points p WHERE p.id = f.id)",
+                (point_id,),
+            ).fetchone()
+        return gone is not None
+
+    def held_elsewhere(self, texts: Sequence[str], point_id: int) -> set[str]:
+        """The texts that a pair (prompt or completion) or the summary of another point holds
+        too: they do not tell that a file holds `point_id`."""
+        store = self._live()
+        found: set[str] = set()
+        with store.lock:
+            for text in texts:
+                hit = (
+                    store.conn.execute(
+                        "SELECT 1 FROM pairs WHERE point_id != ? AND (prompt = ? OR completion = ?)"
+                        " LIMIT 1",
+                        (point_id, text, text),
+                    ).fetchone()
+                    or store.conn.execute(
+                        "SELECT 1 FROM points WHERE id != ? AND instr(body, ?) > 0 LIMIT 1",
+                        (point_id, msgspec.json.encode(text)),
+                    ).fetchone()
+                )
+                if hit:
+                    found.add(text)
+        return found
+
+    def point_with_pairs(self, point_id: int) -> tuple[MemoryPoint | None, list[Pair]]:
+        """The stored point `point_id` and its pairs ((None, []) when it is not stored)."""
+        store = self._live()
+        with store.lock:
+            body = store.conn.execute(
+                "SELECT body FROM points WHERE id = ?", (point_id,)
+            ).fetchone()
+            rows = _pair_rows(store.conn, " WHERE p.id = ?", (point_id,))
+        point = self._point_decoder.decode(body[0]) if body else None
+        return point, [_pair(row) for row in rows]
 
     # --- reads ----------------------------------------------------------------------------------
     def _since_clause(self, since: datetime | None) -> tuple[str, tuple[Any, ...]]:

@@ -21,8 +21,10 @@ RunStatus = Literal[
 ]
 RunStage = Literal["running", "validated", "finished"]
 # candidate: created, not (yet) live; promoted: made live by the gate; rejected: lost the gate
-# (deleted from the backend); retired: removed from the backend later (retention, forgetting)
-ModelStatus = Literal["candidate", "promoted", "rejected", "retired"]
+# (deleted from the backend); retired: removed from the backend later (retention, forgetting);
+# unconfirmed: won the gate, but no config updater answered in time (its model.validated waits
+# on the bus: promoted once an updater applies it)
+ModelStatus = Literal["candidate", "promoted", "rejected", "retired", "unconfirmed"]
 # SQLite's INTEGER range: an id beyond it could be published, but never stored by the collector.
 PointId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
@@ -63,6 +65,14 @@ class Pair(msgspec.Struct, kw_only=True, frozen=True):
     kind: Literal["dialogue", "note"] = "dialogue"
     keywords: tuple[str, ...] = ()
     created_at: datetime | None = None
+
+
+class MemoryPointDeleted(Payload, kw_only=True, frozen=True):
+    """`memory.point.deleted`: the point `id` is to be forgotten everywhere (the corpus, the
+    MEMORY stream, run files and events, every model that holds it). Final for every version
+    of the point stored so far: only a version newer than the deletion is collected again."""
+
+    id: PointId
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -150,6 +160,7 @@ class ModelUpdated(Payload, kw_only=True, frozen=True):
     base_score: float | None = None  # the gate's mean scores; None on a rollback
     new_score: float | None = None
     restored_run_id: str | None = None  # a rollback: the run that built the restored model
+    reason: str = ""  # a switch no run asked for (forgetting a point): why
 
 
 class ModelUpdateFailed(Payload, kw_only=True, frozen=True):

@@ -26,11 +26,13 @@ from shared.subjects import (
     COLLECTOR,
     CONFIG_ROLLBACK,
     CONFIG_UPDATER,
+    FORGETTER,
     LORA_DONE,
     LORA_JOBS,
     LORA_OBJECT_BUCKET,
     LORA_WORKER,
     MEMORY_POINT_CREATED,
+    MEMORY_POINT_DELETED,
     MODEL_ROLLBACK_REQUESTED,
     MODEL_UPDATE_FAILED,
     MODEL_UPDATED,
@@ -77,7 +79,7 @@ INBOX = "_INBOX"
 MEMORY_POINT_SUBJECTS = (
     MEMORY_POINT_CREATED,
     MEMORY_POINT_CREATED.rsplit(".", 1)[0] + ".updated",
-    MEMORY_POINT_CREATED.rsplit(".", 1)[0] + ".deleted",
+    MEMORY_POINT_DELETED,
 )
 _JS = "$JS.API"
 
@@ -212,7 +214,8 @@ _LORA_DONE = f"{LORA_DONE}.*"
 _RUN_EVENTS = (TRAINING_STARTED, TRAINING_COMPLETED, TRAINING_FAILED, _PROGRESS)
 _MODEL_ANSWERS = (MODEL_UPDATED, MODEL_UPDATE_FAILED)
 
-COLLECTOR_PERMS = durable_consumer(COLLECTOR)
+# a late copy of a forgotten point is erased from the stream
+COLLECTOR_PERMS = durable_consumer(COLLECTOR) | _pub(f"{_JS}.STREAM.MSG.DELETE.{COLLECTOR.stream}")
 # a validator serves only cases of runs in progress: it reads the trainer's run records
 VALIDATOR_PERMS = (
     durable_consumer(VALIDATOR) | publish(f"{VALIDATION_RESULT}.*") | run_records(RUNS, write=False)
@@ -224,6 +227,18 @@ CONFIG_UPDATER_PERMS = (
     | publish(*_MODEL_ANSWERS)
     | run_records(RUNS, write=False)  # a model.validated is checked against its run's record
     | run_records(MODELS, write=True)  # marks a model promoted, prunes old ones
+)
+DLQ_NAME = next(s.name for s in STREAMS if s.subjects == [dead_letter_subject(">")])
+# forgetting: its own durable, and the erasure of a point's messages wherever they are kept
+FORGETTER_PERMS = (
+    durable_consumer(FORGETTER)
+    | _union(
+        _pub(f"{_JS}.STREAM.MSG.GET.{s}", f"{_JS}.STREAM.MSG.DELETE.{s}")
+        for s in ("MEMORY", "TRAINING", VALIDATOR.stream, DLQ_NAME, f"OBJ_{LORA_OBJECT_BUCKET}")
+    )
+    | publish(*_MODEL_ANSWERS, TRAINING_REQUESTED)  # the switch away, the retrain
+    | publish(MEMORY_POINT_DELETED)  # `dlq replay` of a deletion that kept failing
+    | run_records(MODELS, write=True)  # the retired models' lineage
 )
 LORA_WORKER_PERMS = (
     durable_consumer(LORA_WORKER)
@@ -258,6 +273,7 @@ ROLE_PERMISSIONS: dict[Role, Permissions] = {
         | VALIDATOR_PERMS
         | CONFIG_UPDATER_PERMS
         | LORA_WORKER_PERMS
+        | FORGETTER_PERMS
         | LOCAL_CLIENT_PERMS
     ),
     "validator": VALIDATOR_PERMS | answer_status(),
@@ -265,7 +281,7 @@ ROLE_PERMISSIONS: dict[Role, Permissions] = {
     "memory": publish(*MEMORY_POINT_SUBJECTS),
     "brain": listen(MODEL_UPDATED, "training.>"),
     "operator": (
-        publish(TRAINING_REQUESTED, MODEL_ROLLBACK_REQUESTED)
+        publish(TRAINING_REQUESTED, MODEL_ROLLBACK_REQUESTED, MEMORY_POINT_DELETED)  # `forget`
         | listen(*_RUN_EVENTS, *_MODEL_ANSWERS)
         | stream_status()
         | manage_dead_letters()

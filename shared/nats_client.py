@@ -171,6 +171,55 @@ def _refused(exc: BaseException) -> bool:
     return "authorization" in str(exc).lower() or type(exc).__name__ == "AuthorizationError"
 
 
+# How a connection rides out the loss of its server: it moves to another URL of the list (or,
+# with one URL, waits for it to come back), trying every half second; a server that stops
+# answering is given up after 3 pings 10 s apart (a crashed host sends no FIN).
+RECONNECT_WAIT_S = 0.5
+PING_INTERVAL_S = 10
+MAX_OUTSTANDING_PINGS = 3
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of a `--nats` / NATS_URL value: one URL, or several comma-separated (natscli's
+    form: the nodes of one cluster). ValueError when it names none."""
+    urls = [one.strip() for one in url.split(",") if one.strip()]
+    if not urls:
+        raise ValueError(f"no NATS URL in {url!r}")
+    return urls
+
+
+def reconnect_options(initial_attempts: int) -> dict[str, Any]:
+    """nats-py `connect()` arguments for reconnecting: `initial_attempts` per server while
+    connecting (an unreachable bus is reported); a connected client sets
+    `max_reconnect_attempts` to -1 and then retries for as long as it runs."""
+    return {
+        "allow_reconnect": True,
+        "reconnect_time_wait": RECONNECT_WAIT_S,
+        "max_reconnect_attempts": initial_attempts,
+        "ping_interval": PING_INTERVAL_S,
+        "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
+    }
+
+
+FLUSH_TRY_S = 2  # one ping's wait; a ping lost in a reconnect is sent again after it
+FLUSH_WITHIN_S = 30.0
+
+
+async def flush(nc: Client, within: float = FLUSH_WITHIN_S) -> None:
+    """`nc.flush()` that rides out a reconnect: nats-py forgets the pings awaiting their pong
+    when it reconnects, so a flush begun meanwhile would wait out its whole timeout; here each
+    ping waits FLUSH_TRY_S, and another is sent until `within` seconds have passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            await nc.flush(timeout=FLUSH_TRY_S)
+            return
+        except TimeoutError:  # nats' FlushTimeoutError too
+            if loop.time() >= deadline or nc.is_closed:
+                raise
+
+
 def redact_url(url: str) -> str:
     """The URL without its password or token (`nats://me:***@host:4222`)."""
     parts = []
@@ -233,8 +282,8 @@ class Denials:
         sub = await nc.subscribe(subject, queue=queue or "", cb=cb)
         # nats-py writes a flush's PING ahead of the queued SUB; by the first PONG the SUB is
         # on the wire, so the second ping follows it
-        await nc.flush()
-        await nc.flush()
+        await flush(nc)
+        await flush(nc)
         denied = self.denied(subject)
         if denied is not None:
             with contextlib.suppress(Exception):

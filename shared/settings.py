@@ -75,6 +75,9 @@ class Settings:
     nats_tls_key: Path | None = None
     nats_inbox_prefix: str | None = None  # None: `_INBOX.<public key>` with an nkey, else _INBOX
     memory_retention_days: float = MEMORY_RETENTION_DAYS  # how long the stream keeps a point
+    # copies of every stream and bucket on a NATS cluster's nodes (3 survives losing one);
+    # 1 on a single server
+    stream_replicas: int = 1
     backend: Backend = "ollama"
     ollama: str = "http://127.0.0.1:11434"
     # per try of an Ollama request (4 tries); generous: create and CPU chats are slow
@@ -144,6 +147,11 @@ class Settings:
     def training_path(self) -> Path:
         t = self.training_dir.expanduser()
         return t if t.is_absolute() else self.data_path / t
+
+    @property
+    def lora_work_path(self) -> Path:
+        """A LoRA worker's run dirs, one per run (its default work dir)."""
+        return self.data_path / "lora-worker"
 
     @property
     def corpus_path(self) -> Path:
@@ -275,6 +283,11 @@ class Settings:
             at_least("keep_backups", 1),
             at_least("keep_models", 1),
             within("memory_retention_days", self.memory_retention_days > 0, "(0, inf)"),
+            within("stream_replicas", 1 <= self.stream_replicas <= 5, "[1, 5]"),
+            (
+                self.nats is None or any(u.strip() for u in self.nats.split(",")),
+                "nats must name at least one URL (several: comma-separated)",
+            ),
             at_least("min_corpus", 1),
             at_least("max_pairs", 1),
             at_least("max_examples", 1),

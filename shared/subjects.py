@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -15,6 +16,7 @@ from shared.messages import (
     LoraJob,
     LoraJobDone,
     MemoryPoint,
+    MemoryPointDeleted,
     ModelUpdated,
     ModelUpdateFailed,
     ModelValidated,
@@ -32,6 +34,7 @@ from shared.messages import (
 
 # --- subjects -------------------------------------------------------------------------------
 MEMORY_POINT_CREATED = "memory.point.created"
+MEMORY_POINT_DELETED = "memory.point.deleted"
 TRAINING_REQUESTED = "training.requested"
 TRAINING_STARTED = "training.started"
 TRAINING_PROGRESS = "training.progress"  # + ".<run_id>"
@@ -156,6 +159,7 @@ class StreamSpec:
     subjects: list[str]
     retention: RetentionPolicy = RetentionPolicy.LIMITS
     max_age_s: float | None = None
+    replicas: int = 1  # copies on a cluster's nodes (`--stream-replicas`); 1 on a single server
 
 
 DAY_S = 24 * 3600
@@ -189,10 +193,37 @@ STREAMS: tuple[StreamSpec, ...] = (
 )
 
 
-def streams(memory_retention_days: float = MEMORY_RETENTION_DAYS) -> tuple[StreamSpec, ...]:
-    """STREAMS with the MEMORY stream keeping points for `memory_retention_days`."""
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: `*` is one token, a trailing `>` one or more."""
+    pat, sub = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(pat):
+        if tok == ">":
+            return len(sub) > i
+        if i >= len(sub) or (tok != "*" and tok != sub[i]):
+            return False
+    return len(pat) == len(sub)
+
+
+@lru_cache(maxsize=1024)
+def stream_for(subject: str) -> str | None:
+    """Name of the stream in STREAMS that captures `subject`, or None (core NATS only)."""
+    for spec in STREAMS:
+        if any(subject_matches(p, subject) for p in spec.subjects):
+            return spec.name
+    return None
+
+
+def streams(
+    memory_retention_days: float = MEMORY_RETENTION_DAYS, replicas: int = 1
+) -> tuple[StreamSpec, ...]:
+    """STREAMS with the MEMORY stream keeping points for `memory_retention_days`, each stream
+    with `replicas` copies (a cluster's; its consumers have as many)."""
     return tuple(
-        replace(s, max_age_s=memory_retention_days * DAY_S) if s.name == "MEMORY" else s
+        replace(
+            s,
+            replicas=replicas,
+            max_age_s=memory_retention_days * DAY_S if s.name == "MEMORY" else s.max_age_s,
+        )
         for s in STREAMS
     )
 
@@ -210,6 +241,9 @@ RUNS = BucketSpec("mindx-runs", max_age_s=90 * 24 * 3600)
 # run id → the ModelLineage of the model the run created: kept as long as anything may ask what a
 # model was trained on (retention and forgetting read it), so it never expires
 MODELS = BucketSpec("mindx-models")
+# every key-value bucket: declared with the streams, with as many replicas (a bucket created
+# later, once a cluster node is down, could not be placed)
+BUCKETS = (RUNS, MODELS)
 
 
 # --- durable consumers ----------------------------------------------------------------------
@@ -227,6 +261,9 @@ class ConsumerSpec:
 
 
 COLLECTOR = ConsumerSpec("collector", "MEMORY", MEMORY_POINT_CREATED)
+# deletions are consumed apart from creations; the order between the two is kept by erasing the
+# point's messages from the stream and by the corpus's tombstone (shared.corpus)
+FORGETTER = ConsumerSpec("forgetter", "MEMORY", MEMORY_POINT_DELETED)
 TRAINER = ConsumerSpec("trainer", "TRAINING", TRAINING_REQUESTED, max_deliver=3)
 CONFIG_UPDATER = ConsumerSpec("config-updater", "MODEL", MODEL_VALIDATED)
 # what every config's rollback consumer is (config_rollback names one)
@@ -259,6 +296,7 @@ LORA_WORKER = ConsumerSpec("lora-worker", "LORA_JOBS", LORA_JOBS, max_deliver=3)
 # Keys are NATS subjects; a run-specific token is `*` (subscribe with the key as it is).
 PAYLOADS: dict[str, type[Payload]] = {
     MEMORY_POINT_CREATED: MemoryPoint,
+    MEMORY_POINT_DELETED: MemoryPointDeleted,
     TRAINING_REQUESTED: TrainingRequested,
     TRAINING_STARTED: TrainingStarted,
     f"{TRAINING_PROGRESS}.*": TrainingProgress,

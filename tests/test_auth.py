@@ -108,6 +108,19 @@ def test_every_consumer_and_stream_is_granted_from_the_subjects_module() -> None
                            ROLE_PERMISSIONS[role].publish), role  # fmt: skip
 
 
+def test_a_deletion_comes_from_memory_or_the_operator_and_only_the_service_erases() -> None:
+    deleted = subjects.MEMORY_POINT_DELETED
+    for role in ROLES:
+        grants = ROLE_PERMISSIONS[role].publish
+        assert allowed(grants, deleted) == (role in ("memory", "operator", "service")), role
+        erases = {p for p in grants if ".STREAM.MSG.DELETE." in p and ".DLQ" not in p}
+        assert not erases or role == "service", role  # the operator removes only dead letters
+    service = ROLE_PERMISSIONS["service"].publish
+    for stream in ("MEMORY", "TRAINING", "VALIDATION", "DLQ", f"OBJ_{subjects.LORA_OBJECT_BUCKET}"):
+        assert f"$JS.API.STREAM.MSG.DELETE.{stream}" in service, stream
+        assert f"$JS.API.STREAM.MSG.GET.{stream}" in service, stream
+
+
 def test_each_user_may_read_only_its_own_inbox_and_the_brain_publishes_nothing() -> None:
     keys = {role: f"U{role.upper().replace('-', '')}KEY" for role in ROLES}
     for role, key in keys.items():

@@ -86,7 +86,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         (
             ["serve", "colector"],
             "mindx serve: argument COMPONENT: invalid choice: 'colector' (choose from "
-            "'collector', 'trainer', 'validator', 'config-updater', 'lora-worker', 'all') "
+            "'collector', 'trainer', 'validator', 'config-updater', 'forgetter', 'lora-worker', "
+            "'all') "
             "(see mindx serve --help)",
         ),
         (

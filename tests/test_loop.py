@@ -296,6 +296,9 @@ async def test_losers_are_deleted_and_only_the_newest_winners_kept(
         done = await asyncio.to_thread(mindx, "rollback", *where)
         assert done.returncode == 0, done.stderr
         assert lp.left() == kept[0].new_model
+        # the backup still had the entries of models pruned since: they do not come back
+        entries = {m["name"] for m in lp.config()["models"]}
+        assert kept[0].new_model in entries and not entries & {r.new_model for r in pruned}
 
 
 async def forced(lp: Loop) -> RunReport:
@@ -356,3 +359,43 @@ def test_mindx_models_on_the_embedded_server_marks_the_live_model(
     ]
     lineage = read_file(ws / "data" / "training" / RunNames(report["run_id"]).lineage_file)
     assert lineage.status == "promoted" and lineage.model == report["new_model"]
+
+
+async def test_a_winner_no_updater_confirmed_says_so_until_one_applies_it(
+    tmp_path: Path, bus: Bus, ollama_double: OllamaDouble
+) -> None:
+    s = Settings.load(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "watermark": str(tmp_path / "wm.json"),
+            "config": str(tmp_path / "models.json"),
+            "config_wait_s": 1,
+            "ollama": ollama_double.url,
+            "min_corpus": 100,
+        },
+        env={},
+    )
+    s.config_path.write_text(json.dumps({"brain": {"left": BASE}, "models": []}))
+    with Corpus.open(s.corpus_path) as corpus:
+        async with OllamaClient(ollama_double.url) as client:
+            stored = await collector.serve(bus, s, corpus)
+            lp = Loop(s, bus, ollama_double, client, corpus)
+            try:
+                await lp.add(points(0, 150))
+                report = await lp.run()  # no config updater is running
+            finally:
+                await stored.stop()
+            assert report.status == "success_config_failed", report.error
+            assert "no config updater answered" in report.error
+            record = await lp.lineage(report)
+            assert record.status == "unconfirmed" and ollama_double.find(report.new_model)
+            assert read_file(s.training_path / RunNames(report.run_id).lineage_file) == record
+            # an updater comes up: it applies the waiting model.validated, and says promoted
+            updaters = await config_updater.serve(bus, s, client)
+            try:
+                await bus.wait_idle(subjects.CONFIG_UPDATER, timeout=30)
+            finally:
+                for svc in updaters:
+                    await svc.stop()
+            assert lp.left() == report.new_model
+            assert (await lp.lineage(report)).status == "promoted"

@@ -56,5 +56,8 @@ async def test_lora_run_once_local(tmp_path: Path, nats_server, capsys) -> None:
     assert lineage["mode"] == "lora" and lineage["model"] == report["new_model"]
     assert len(lineage["points"]) > 0  # the LoRA model holds its whole training split
     # the artifacts fetched from the object store are not left behind in the temp dir
-    leftovers = list(Path(tempfile.gettempdir()).glob(f"mindx-lora-{report['run_id']}-*"))
-    assert leftovers == []
+    assert temp_dirs(f"mindx-lora-{report['run_id']}-") == []
+
+
+def temp_dirs(prefix: str) -> list[Path]:
+    return sorted(Path(tempfile.gettempdir()).glob(f"{prefix}*"))

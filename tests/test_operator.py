@@ -116,7 +116,13 @@ async def test_status_shows_the_running_service_its_model_corpus_and_dead_letter
     st = json.loads(done.stdout)
     assert st["bus"] == secured_nats.server.url
     [proc] = st["services"]
-    assert proc["components"] == ["collector", "trainer", "validator", "config-updater"]
+    assert proc["components"] == [
+        "collector",
+        "trainer",
+        "validator",
+        "config-updater",
+        "forgetter",
+    ]
     assert proc["version"]
     assert (st["left_model"], st["config_error"]) == ("qwen3:0.6b", None)
     assert st["corpus"]["points"] == 1 and st["corpus"]["pairs"] == 1

@@ -489,3 +489,24 @@ async def test_a_missing_multilingual_embedder_is_a_404_naming_the_extra(
     monkeypatch.setattr(bundled, "MULTILINGUAL_EMBED_PACKAGE", "no_such_package_here")
     with pytest.raises(ModelNotFound, match=re.escape("mindx-training[zh]")):
         await unloaded.embed("use-multilingual-v3", ["你好"])
+
+
+async def test_a_deleted_model_takes_the_blobs_only_it_used(
+    unloaded: LocalBackend, tmp_path: Path
+) -> None:
+    path = tmp_path / "adapter.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.ones((2, 7), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q.weight.lora_b", np.ones((7, 2), dtype=np.float32))
+    write_gguf(writer)
+    digest = await unloaded.push_blob(path)
+    for name in ("one", "two"):
+        await unloaded.create(CreateRequest(model=name, from_=BASE, adapters={"a.gguf": digest}))
+    await unloaded.delete("one")
+    assert unloaded.blob_path(digest).is_file()  # "two" still uses it
+    await unloaded.delete("two")
+    assert not unloaded.blob_path(digest).exists()  # a retired model's weights do not stay
+    other = await unloaded.push_blob(path)  # pushed again, for a model not created yet
+    assert unloaded.blob_path(other).is_file()

@@ -51,6 +51,9 @@ REJECTED: list[tuple[dict[str, Any], str]] = [
     ({"mode": "fast"}, "mode must be one of"),
     ({"backend": "vllm"}, "backend must be one of"),
     ({"export": "zip"}, "export must be one of"),
+    ({"stream_replicas": 0}, r"stream_replicas must be in \[1, 5\]"),
+    ({"stream_replicas": 6}, r"stream_replicas must be in \[1, 5\]"),
+    ({"nats": " , "}, "nats must name at least one URL"),
 ]
 
 
@@ -206,3 +209,12 @@ def test_the_local_backend_keeps_every_validation_case_of_a_model_in_flight() ->
     assert Settings(backend="local", held_out=20).validator_slots() == 20
     assert Settings(backend="local", validator_concurrency=32).validator_slots() == 32
     assert Settings(backend="ollama", held_out=20).validator_slots() == 5
+
+
+def test_several_nats_urls_and_replicas_come_from_flags_or_the_environment() -> None:
+    urls = "nats://a:4222,nats://b:4222, nats://c:4222"
+    s = Settings.load({}, env={"NATS_URL": urls, "MINDX_STREAM_REPLICAS": "3"})
+    assert (s.nats, s.stream_replicas) == (urls, 3)
+    flag = Settings.load({"stream_replicas": 5}, env={"MINDX_STREAM_REPLICAS": "3"})
+    assert flag.stream_replicas == 5
+    assert Settings().stream_replicas == 1  # a single server's

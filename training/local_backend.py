@@ -518,7 +518,30 @@ class LocalBackend:
             if name.lower() in bundled.CHAT_NAMES:
                 raise rejected(f"'{name}' is a built-in model and cannot be deleted")
             raise not_found(f"model '{model}' not found")
-        path.unlink()  # blobs stay: other models may share them
+        record = self._read_record(name)
+        path.unlink()
+        if record is not None:
+            await asyncio.to_thread(self._drop_blobs, record)
+
+    def _drop_blobs(self, gone: ModelRecord) -> None:
+        """Remove the blobs (adapters, a GGUF base) only the deleted model used: a retired
+        model's weights do not stay behind. Blobs of other models, and blobs pushed for a model
+        not created yet, are not touched."""
+        mine = {parse_digest(d) for d in gone.adapters}
+        if gone.base.startswith("sha256:"):
+            mine.add(parse_digest(gone.base))
+        if not mine:
+            return
+        for other in self.registry_dir.glob("*.json"):
+            try:
+                rec = msgspec.json.decode(other.read_bytes(), type=ModelRecord)
+            except (OSError, msgspec.DecodeError):
+                return  # unsure what is still in use: keep every blob
+            used = [rec.base, *rec.adapters]
+            mine -= {parse_digest(d) for d in used if d.startswith("sha256:")}
+        for hexd in mine:
+            (self.models_dir / "links" / f"{hexd}.gguf").unlink(missing_ok=True)
+            self.blob_path(f"sha256:{hexd}").unlink(missing_ok=True)
 
     async def aclose(self) -> None:
         """Nothing to release: loaded models are shared by the whole process."""

@@ -285,7 +285,7 @@ async def serve(
     backend: Backend | None = None,
 ) -> Service:
     """Consume LORA_WORKER until the returned Service is stopped."""
-    work = ensure_private_dir(workdir or settings.data_path / "lora-worker")
+    work = ensure_private_dir(workdir or settings.lora_work_path)
 
     async def handle(job: LoraJob, delivery: Delivery) -> None:
         async with delivery.keep_alive():
