@@ -9,6 +9,7 @@ BENCHES = [
     "bench.bench_ingest",
     "bench.bench_filter",
     "bench.bench_validation",
+    "bench.bench_local_batch",
     "bench.bench_quality",
     "bench.bench_loop",
     "bench.bench_forget",

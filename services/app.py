@@ -161,7 +161,7 @@ async def _validator(bus: Any, res: Resources) -> list[Any]:
     s = res.settings
     return [
         await validator.serve(
-            bus, backend, embedder, system=s.app_system_prompt, concurrency=s.validator_concurrency
+            bus, backend, embedder, system=s.app_system_prompt, concurrency=s.validator_slots()
         )
     ]
 

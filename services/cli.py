@@ -161,7 +161,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "--validation-concurrency",
         dest="validation_concurrency",
         type=int,
-        help="cases the trainer scores at once when no validator runs (default 4)",
+        help="cases the trainer scores at once when no validator runs (default 4; with "
+        "--backend local all of a model's cases: they batch)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     lg = p.add_argument_group("lora")
@@ -227,7 +228,8 @@ def _app_flags(p: argparse.ArgumentParser) -> None:
         "--validator-concurrency",
         dest="validator_concurrency",
         type=int,
-        help="cases a validator of this process scores at once (default 5)",
+        help="cases a validator of this process scores at once (default 5; with --backend local "
+        "at least --held-out: they batch)",
     )
 
 

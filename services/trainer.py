@@ -530,7 +530,7 @@ class Trainer:
         results = await validate_cases(
             self.bus,
             cases,
-            concurrency=run.settings.validation_concurrency,
+            concurrency=run.settings.cases_in_flight(len(cases)),
             timeout_s=run.settings.validation_timeout_s,
             fallback=here,
             on_result=tick,

@@ -196,6 +196,21 @@ class Settings:
             return self.embed_model
         return DEFAULT_LOCAL_EMBED_MODEL if self.backend == "local" else DEFAULT_OLLAMA_EMBED_MODEL
 
+    def cases_in_flight(self, cases: int) -> int:
+        """Cases of one model the trainer scores at once in its own process. The local backend
+        generates concurrent greedy chats of a model as one batch, where fewer at once only make
+        smaller batches: there, all of them; elsewhere `validation_concurrency`."""
+        if self.backend == "local":
+            return max(self.validation_concurrency, cases)
+        return self.validation_concurrency
+
+    def validator_slots(self) -> int:
+        """Cases one validator scores at once: `validator_concurrency`, and with the local
+        backend at least a run's cases of one model (`held_out`), so that they batch."""
+        if self.backend == "local":
+            return max(self.validator_concurrency, self.held_out)
+        return self.validator_concurrency
+
     # --- loading ----------------------------------------------------------------------------
     @classmethod
     def load(

@@ -200,6 +200,17 @@ def test_settings_never_show_a_password_or_token() -> None:
     assert "t0k" not in repr(Settings(nats="nats://t0k@bus:4222", nats_token="t0k"))
 
 
+def test_the_local_backend_keeps_every_validation_case_of_a_model_in_flight() -> None:
+    # its concurrent chats of one model are generated as one batch
+    assert Settings(backend="local").cases_in_flight(20) == 20
+    assert Settings(backend="local", validation_concurrency=32).cases_in_flight(20) == 32
+    assert Settings(backend="ollama").cases_in_flight(20) == 4
+    assert Settings(backend="ollama", validation_concurrency=8).cases_in_flight(20) == 8
+    assert Settings(backend="local", held_out=20).validator_slots() == 20
+    assert Settings(backend="local", validator_concurrency=32).validator_slots() == 32
+    assert Settings(backend="ollama", held_out=20).validator_slots() == 5
+
+
 def test_several_nats_urls_and_replicas_come_from_flags_or_the_environment() -> None:
     urls = "nats://a:4222,nats://b:4222, nats://c:4222"
     s = Settings.load({}, env={"NATS_URL": urls, "MINDX_STREAM_REPLICAS": "3"})

@@ -46,6 +46,7 @@ from shared.backend import (
 )
 from shared.files import atomic_write, ensure_private_dir
 from training.gguf_lora import is_gguf
+from training.local_batch import ChatBatcher, batchable
 from training.local_models import (
     EmbedSource,
     Loaded,
@@ -97,7 +98,10 @@ class LocalBackend:
         seed: int = 42,
         embed_model_dir: Path | None = None,
         progress: ProgressHook | None = None,
+        batch: bool = True,
     ) -> None:
+        """`batch`: greedy chats that arrive together are generated as one batch
+        (`training.local_batch`); False generates every chat alone."""
         self.models_dir = Path(models_dir).expanduser().resolve()
         self.registry_dir = self.models_dir / "registry"
         self.blobs_dir = self.models_dir / "blobs"
@@ -105,6 +109,7 @@ class LocalBackend:
         self.embed_model_dir = embed_model_dir
         self.progress = progress
         self._device = device
+        self.batcher = ChatBatcher() if batch else None
         stay_offline()
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -192,6 +197,10 @@ class LocalBackend:
             return ModelRecord(name=model, base=str(source.path))
         raise not_found(f"model '{model}' not found")
 
+    def record(self, model: str) -> ModelRecord:
+        """What a chat with `model` is built from: a created model's record, or a bare base."""
+        return self._lookup(model)
+
     def _source(self, record: ModelRecord) -> Source:
         base = record.base
         if base.lower() in bundled.CHAT_NAMES:
@@ -251,9 +260,14 @@ class LocalBackend:
             return ChatResponse(model=model, done_reason="load")
         prompt = build_prompt_messages(record, messages)
         try:
-            text, reason, n_prompt, n_eval = await asyncio.to_thread(
-                generate, loaded, prompt, opts, template=record.template, default_seed=self.seed
-            )
+            if self.batcher is not None and batchable(opts):
+                text, reason, n_prompt, n_eval = await self.batcher.generate(
+                    loaded, prompt, opts, record.template
+                )
+            else:
+                text, reason, n_prompt, n_eval = await asyncio.to_thread(
+                    generate, loaded, prompt, opts, template=record.template, default_seed=self.seed
+                )
         except BackendError:
             raise
         except Exception as exc:

@@ -160,7 +160,7 @@ _EMBEDDERS: dict[tuple[str, str, str], Embedder] = {}
 _LOCKS: dict[tuple[Any, ...], threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 # One computation at a time: the target is a 2-core CPU, where parallel runs only thrash.
-_COMPUTE = threading.Lock()
+COMPUTE = threading.Lock()
 
 
 def _lock_for(key: tuple[Any, ...]) -> threading.Lock:
@@ -267,7 +267,7 @@ def _open_embedder(source: EmbedSource, device: str) -> Embedder:
 
 def embed_texts(embedder: Embedder, inputs: Sequence[str]) -> list[list[float]]:
     """Unit-length vectors, one per input (Ollama's /api/embed normalizes too)."""
-    with _COMPUTE:
+    with COMPUTE:
         vectors = embedder(list(inputs))
     if not np.isfinite(vectors).all():
         raise rejected("embedding contains NaN or Inf")
@@ -288,7 +288,7 @@ class _StopOnText:
         return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
 
 
-def _eos_ids(loaded: Loaded) -> set[int]:
+def eos_ids(loaded: Loaded) -> set[int]:
     ids: set[int] = set()
     for value in (loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id):
         if isinstance(value, int):
@@ -298,40 +298,106 @@ def _eos_ids(loaded: Loaded) -> set[int]:
     return ids
 
 
+def pad_id(loaded: Loaded) -> int:
+    pad = loaded.tokenizer.pad_token_id
+    return pad if pad is not None else min(eos_ids(loaded) or {0})
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A chat ready to generate from: its tokens, after Ollama's truncation to `num_ctx`."""
+
+    ids: list[int]
+    max_new: int  # tokens it may generate: num_predict within the model's positions
+    prefix: int  # leading tokens shared with every chat of the same model (0: none)
+
+
+def _encode(
+    loaded: Loaded, conversation: list[dict[str, str]], chat_template: str | None, *, prompt: bool
+) -> list[int]:
+    return list(
+        loaded.tokenizer.apply_chat_template(
+            conversation,
+            chat_template=chat_template,
+            add_generation_prompt=prompt,
+            return_dict=True,
+        )["input_ids"]
+    )
+
+
+def prepare(
+    loaded: Loaded, messages: Sequence[ChatMessage], opts: GenerationOptions, chat_template: str
+) -> Prompt:
+    """Tokens of the chat within the context window, and how many it may generate."""
+    template = chat_template or None
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    max_positions = int(getattr(loaded.model.config, "max_position_embeddings", 0) or opts.num_ctx)
+    num_ctx = max(1, min(opts.num_ctx, max_positions))
+    conversation = fit_messages(
+        conversation, lambda c: len(_encode(loaded, c, template, prompt=True)) <= num_ctx
+    )
+    ids = _encode(loaded, conversation, template, prompt=True)
+    room = max_positions - len(ids)
+    max_new = room if opts.num_predict < 0 else min(opts.num_predict, room)
+    return Prompt(ids, max(max_new, 0), _prefix_length(loaded, conversation, ids, template))
+
+
 # A created model's SYSTEM and baked messages open every chat with the same long prefix; its
-# KV cache is computed once and copied per chat (generation extends the copy), which spares
-# re-reading thousands of tokens per validation case on a CPU. Every chat with a long enough
-# prefix goes through this path, so greedy answers stay reproducible.
+# KV cache is computed once and reused by every chat (a chat generated alone extends a copy, a
+# batch attends to it in place), which spares re-reading thousands of tokens per validation case
+# on a CPU. Every chat with a long enough prefix goes through this path, so greedy answers stay
+# reproducible.
 PREFIX_CACHE_MIN_TOKENS = 128
 _PREFIX_CACHES: OrderedDict[tuple[int, tuple[int, ...]], Any] = OrderedDict()
 
 
-def _shared_prefix(
-    loaded: Loaded, conversation: list[dict[str, str]], input_ids: Any, chat_template: str | None
-) -> Any | None:
-    """A copy of the KV cache of everything before the last message, or None if too short."""
+def _prefix_length(
+    loaded: Loaded, conversation: list[dict[str, str]], ids: list[int], chat_template: str | None
+) -> int:
+    """Tokens of everything before the last message, or 0 when too short to be worth caching."""
     if len(conversation) < 2:
-        return None
-    prefix_ids = loaded.tokenizer.apply_chat_template(
-        conversation[:-1],
-        chat_template=chat_template,
-        add_generation_prompt=False,
-        return_dict=True,
-    )["input_ids"]
-    n = len(prefix_ids)
-    full = input_ids[0].tolist()
-    if n < PREFIX_CACHE_MIN_TOKENS or n >= len(full) or full[:n] != list(prefix_ids):
-        return None
-    key = (id(loaded.model), tuple(prefix_ids))
+        return 0
+    prefix = _encode(loaded, conversation[:-1], chat_template, prompt=False)
+    n = len(prefix)
+    if n < PREFIX_CACHE_MIN_TOKENS or n >= len(ids) or ids[:n] != prefix:
+        return 0
+    return n
+
+
+def prefix_cache(loaded: Loaded, prefix: Sequence[int]) -> Any:
+    """The KV cache of `prefix` (batch of one), shared: callers copy before extending it.
+    Call with COMPUTE held."""
+    import torch
+
+    key = (id(loaded.model), tuple(prefix))
     cache = _PREFIX_CACHES.get(key)
     if cache is None:
-        cache = loaded.model(input_ids[:, :n], use_cache=True).cache
+        ids = torch.tensor([list(prefix)], device=loaded.model.device)
+        cache = loaded.model(ids, use_cache=True).cache
         _PREFIX_CACHES[key] = cache
         while len(_PREFIX_CACHES) > 2:
             _PREFIX_CACHES.popitem(last=False)
     else:
         _PREFIX_CACHES.move_to_end(key)
-    return copy.deepcopy(cache)
+    return cache
+
+
+def clear_prefix_caches() -> None:
+    """Forget every prefix's KV cache (benchmarks start each stage cold)."""
+    with COMPUTE:
+        _PREFIX_CACHES.clear()
+
+
+def finish(loaded: Loaded, new: list[int], opts: GenerationOptions) -> tuple[str, str, int]:
+    """(text, done_reason, generated tokens) of a continuation: an end token is dropped and the
+    text is cut before the earliest stop sequence."""
+    reason = "length"
+    if new and new[-1] in eos_ids(loaded):
+        new, reason = new[:-1], "stop"
+    text, stopped = cut_at_stop(loaded.tokenizer.decode(new, skip_special_tokens=True), opts.stop)
+    if stopped:
+        reason = "stop"
+    return text, reason, len(new)
 
 
 def generate(
@@ -342,39 +408,34 @@ def generate(
     template: str = "",
     default_seed: int = 42,
 ) -> tuple[str, str, int, int]:
-    """Blocking generation: (text, done_reason, prompt tokens, generated tokens)."""
+    """Blocking generation of one chat: (text, done_reason, prompt tokens, generated tokens)."""
+    prompt = prepare(loaded, messages, opts, template)
+    if prompt.max_new <= 0:
+        return "", "length", len(prompt.ids), 0
+    new, _ = generate_ids(loaded, prompt, opts, default_seed=default_seed)
+    text, reason, n_eval = finish(loaded, new, opts)
+    return text, reason, len(prompt.ids), n_eval
+
+
+def generate_ids(
+    loaded: Loaded,
+    prompt: Prompt,
+    opts: GenerationOptions,
+    *,
+    default_seed: int = 42,
+    scores: bool = False,
+) -> tuple[list[int], list[Any]]:
+    """The generated token ids of one prompt and, if asked, the logits of every step."""
     import torch
     from transformers import StoppingCriteriaList
 
     tok, model = loaded.tokenizer, loaded.model
-    conversation = [{"role": m.role, "content": m.content} for m in messages]
-    chat_template = template or None
-
-    def encode(conv: list[dict[str, str]]) -> Any:
-        return tok.apply_chat_template(
-            conv,
-            chat_template=chat_template,
-            add_generation_prompt=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
-
-    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or opts.num_ctx)
-    num_ctx = max(1, min(opts.num_ctx, max_positions))
-    conversation = fit_messages(conversation, lambda c: encode(c)["input_ids"].shape[1] <= num_ctx)
-    enc = encode(conversation).to(model.device)
-    prompt_len = int(enc["input_ids"].shape[1])
-    room = max_positions - prompt_len
-    max_new = room if opts.num_predict < 0 else min(opts.num_predict, room)
-    if max_new <= 0:
-        return "", "length", prompt_len, 0
-
-    eos = _eos_ids(loaded)
+    eos = eos_ids(loaded)
     kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new,
+        "max_new_tokens": prompt.max_new,
         "do_sample": not opts.greedy,
         "eos_token_id": sorted(eos) or None,
-        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else min(eos or {0}),
+        "pad_token_id": pad_id(loaded),
     }
     if not opts.greedy:
         kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
@@ -384,20 +445,17 @@ def generate(
         kwargs["repetition_penalty"] = opts.repeat_penalty
     if opts.stop:
         kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [_StopOnText(tok, opts.stop, prompt_len)]
+            [_StopOnText(tok, opts.stop, len(prompt.ids))]
         )
+    if scores:
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
 
-    with _COMPUTE, torch.inference_mode():
-        prefix = _shared_prefix(loaded, conversation, enc["input_ids"], chat_template)
-        if prefix is not None:
-            kwargs["cache"] = prefix
+    ids = torch.tensor([prompt.ids], device=model.device)
+    with COMPUTE, torch.inference_mode():
+        if prompt.prefix:
+            kwargs["cache"] = copy.deepcopy(prefix_cache(loaded, prompt.ids[: prompt.prefix]))
         torch.manual_seed(opts.seed if opts.seed is not None else default_seed)
-        out = model.generate(**enc, **kwargs)
-    new = out[0, prompt_len:].tolist()
-    reason = "length"
-    if new and new[-1] in eos:
-        new, reason = new[:-1], "stop"
-    text, stopped = cut_at_stop(tok.decode(new, skip_special_tokens=True), opts.stop)
-    if stopped:
-        reason = "stop"
-    return text, reason, prompt_len, len(new)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    if not scores:
+        return out[0, len(prompt.ids) :].tolist(), []
+    return out.sequences[0, len(prompt.ids) :].tolist(), [step[0] for step in out.logits]
