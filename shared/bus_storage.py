@@ -271,8 +271,10 @@ class Storage:
             seq = 1
             while True:
                 try:
-                    msg = await self._api(
-                        self._js.get_msg(stream, seq, subject=f"{prefix}>", next=True)
+                    msg = await self._retry(
+                        functools.partial(
+                            self._js.get_msg, stream, seq, subject=f"{prefix}>", next=True
+                        )
                     )
                 except nats.js.errors.NotFoundError:  # nothing after `seq`
                     return out

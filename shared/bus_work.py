@@ -7,6 +7,7 @@ guard and the consumer setup.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -38,6 +39,9 @@ class WorkQueues:
     async def _api(self, call: Awaitable[T], *subjects: str) -> T:
         raise NotImplementedError  # the Bus's: a denied call fails at once
 
+    async def _retry(self, make: Callable[[], Awaitable[T]], *subjects: str) -> T:
+        raise NotImplementedError  # the Storage's: rides out a cluster's leader election
+
     async def _ensure_consumer(self, spec: ConsumerSpec) -> None:
         raise NotImplementedError  # the Bus's
 
@@ -67,11 +71,13 @@ class WorkQueues:
     async def queue_load(self, spec: ConsumerSpec) -> QueueLoad | None:
         """The durable's load, or None when it does not exist (no worker ever started)."""
         try:
-            info = await self._api(self._js.consumer_info(spec.stream, spec.durable))
+            info = await self._retry(
+                functools.partial(self._js.consumer_info, spec.stream, spec.durable)
+            )
         except nats.js.errors.NotFoundError:
             return None
         return QueueLoad(info.num_waiting or 0, info.num_ack_pending or 0, info.num_pending or 0)
 
     async def purge(self, stream: str, subject: str) -> None:
         """Drop the messages on `subject` that `stream` still holds."""
-        await self._api(self._js.purge_stream(stream, subject=subject))
+        await self._retry(functools.partial(self._js.purge_stream, stream, subject=subject))
