@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -35,7 +36,6 @@ from typing import Any
 from bench.bench_loop import backend_url
 from services import collector, config_updater, forget, trainer
 from services.app import open_backend
-from services.collector import pairs_from_point
 from services.model_config import left_model, read_config
 from services.trainer import Trainer
 from shared import subjects
@@ -46,6 +46,7 @@ from shared.messages import MemoryPoint, MemoryPointDeleted, ModelLineage, Train
 from shared.messages import decode as decode_payload
 from shared.nats_server import EmbeddedNats
 from shared.settings import Settings
+from tests.traces import distinctive, holders
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GOAL_S = 60.0
@@ -55,40 +56,13 @@ def load(path: Path) -> list[MemoryPoint]:
     return [decode_payload(x.encode(), MemoryPoint) for x in path.read_text().splitlines()]
 
 
-def distinctive(point: MemoryPoint, others: list[MemoryPoint]) -> bytes | None:
-    """The point's longest pair line (at least 20 characters) that no other point holds."""
-    lines = sorted(
-        (
-            line.strip()
-            for p in pairs_from_point(point)
-            for t in (p.prompt, p.completion)
-            for line in t.splitlines()
-        ),
-        key=len,
-        reverse=True,
-    )
-    for line in lines:
-        if len(line) >= 20 and not any(line in o.content for o in others if o.id != point.id):
-            return line.encode("utf-8")
-    return None
-
-
 def pick(points: list[MemoryPoint], ids: set[int]) -> tuple[MemoryPoint | None, bytes]:
     """The first point of `ids` with a distinctive text, and that text."""
     for p in points:
-        needle = distinctive(p, points) if p.id in ids else None
-        if needle:
-            return p, needle
+        line = distinctive(p, points, min_len=20) if p.id in ids else None
+        if line:
+            return p, line.encode("utf-8")
     return None, b""
-
-
-def holders(needle: bytes, *roots: Path) -> list[str]:
-    found = []
-    for root in roots:
-        for p in root.rglob("*"):
-            if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
-                found.append(str(p.relative_to(root.parent)))
-    return found
 
 
 async def until_acked(bus: Bus, spec: subjects.ConsumerSpec, seq: int) -> None:
@@ -159,7 +133,8 @@ async def bench(dataset: Path, backend_kind: str) -> list[dict[str, Any]]:
                             )
                             await until_acked(bus, subjects.FORGETTER, ack.seq)
                             took = time.perf_counter() - t0
-                            left = holders(needle, s.data_path, ws / "nats")
+                            found = holders(needle, s.data_path, ws / "nats")
+                            left = [h.removeprefix(f"{ws}{os.sep}") for h in found]
                             rows.append(
                                 {
                                     "data": dataset.name.split(".")[0],

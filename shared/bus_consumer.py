@@ -270,30 +270,38 @@ class PullConsumer(Generic[T]):
         self.singles: deque[Msg] = deque()  # of a failed batch, to handle one at a time
         self.current: list[Msg] = []  # being handled now
         self.stopping = False
+        self.failures = 0  # fetches failed in a row: the backoff grows with them
         self.task = asyncio.create_task(self._run(), name=f"consumer:{spec.durable}")
         self.holder: asyncio.Task[None] | None = None
         if batch > 1:
             self.holder = asyncio.create_task(self._hold(), name=f"hold:{spec.durable}")
 
+    async def _fetch(self, n: int) -> list[Msg] | None:
+        """Up to `n` messages: [] when none came in time or the fetch failed (then after a
+        backoff), None once the connection is closed (the consumer ends)."""
+        try:
+            # A short fetch keeps shutdown quick and leaves few orphaned pull requests.
+            msgs = await self.sub.fetch(n, timeout=2.0)
+        except TimeoutError:
+            return []
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # disconnected, reconnecting, server restarting
+            if self.nc.is_closed:
+                log.warning("%s: connection closed; consumer ends", self.spec.durable)
+                return None
+            self.failures += 1
+            log.warning("%s: fetch failed (%r); retrying", self.spec.durable, exc)
+            await asyncio.sleep(min(0.2 * 2**self.failures, 5.0))
+            return []
+        self.failures = 0
+        return msgs
+
     async def _run(self) -> None:
-        failures = 0
         while not self.stopping:
-            try:
-                # A short fetch keeps shutdown quick and leaves few orphaned pull requests.
-                msgs = await self.sub.fetch(self.batch, timeout=2.0)
-                failures = 0
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # disconnected, reconnecting, server restarting
-                if self.nc.is_closed:
-                    log.warning("%s: connection closed; consumer ends", self.spec.durable)
-                    return
-                failures += 1
-                log.warning("%s: fetch failed (%r); retrying", self.spec.durable, exc)
-                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
-                continue
+            msgs = await self._fetch(self.batch)
+            if msgs is None:
+                return
             self.buffer.extend(msgs)
             while (self.singles or self.buffer) and not self.stopping:
                 try:
@@ -480,28 +488,15 @@ class ConcurrentConsumer(PullConsumer[T]):
         self.holder = asyncio.create_task(self._beat(), name=f"beat:{spec.durable}")
 
     async def _run(self) -> None:
-        failures = 0
         while not self.stopping:
             room = self.limit - len(self.running)
             if room <= 0:
                 self.freed.clear()
                 await self.freed.wait()
                 continue
-            try:
-                msgs = await self.sub.fetch(room, timeout=2.0)
-                failures = 0
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # disconnected, reconnecting, server restarting
-                if self.nc.is_closed:
-                    log.warning("%s: connection closed; consumer ends", self.spec.durable)
-                    return
-                failures += 1
-                log.warning("%s: fetch failed (%r); retrying", self.spec.durable, exc)
-                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
-                continue
+            msgs = await self._fetch(room)
+            if msgs is None:
+                return
             for msg in msgs:
                 task = asyncio.create_task(self._one(msg), name=f"handle:{msg.subject}")
                 self.running[task] = msg

@@ -25,6 +25,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from shared.subjects import subject_matches
+
 T = TypeVar("T")
 
 
@@ -236,15 +238,9 @@ def redact_url(url: str) -> str:
 
 
 def _matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard match, ignoring case: `*` one token, a trailing `>` one or more. (nats-py
-    hands the server's error text over in lower case.)"""
-    pat, sub = pattern.lower().split("."), subject.lower().split(".")
-    for i, tok in enumerate(pat):
-        if tok == ">":
-            return len(sub) > i
-        if i >= len(sub) or (tok != "*" and tok != sub[i]):
-            return False
-    return len(pat) == len(sub)
+    """NATS wildcard match, ignoring case (nats-py hands the server's error text over in lower
+    case)."""
+    return subject_matches(pattern.lower(), subject.lower())
 
 
 class Denials:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,29 +29,22 @@ from shared.messages import (
     MemoryPointDeleted,
     ModelLineage,
     ModelUpdated,
+    RunReport,
     TrainingRequested,
     ValidationCase,
     encode,
 )
 from shared.nats_server import EmbeddedNats
 from shared.subjects import RunNames
+from tests import traces
 from tests.ollama_double import Fault, OllamaDouble
 from tests.test_loop import BASE, MULTIWOZ, Loop, loop, mindx, points
+from tests.traces import holders
 
 pytestmark = pytest.mark.skipif(
     not Path(__file__).resolve().parents[2].joinpath("shared", "data").is_dir(),
     reason="../shared/data is not here",
 )
-
-
-def files_under(*roots: Path) -> Iterator[Path]:
-    for root in roots:
-        yield from (p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def holders(needle: bytes, *roots: Path) -> list[str]:
-    """Every file under `roots` whose raw bytes contain `needle`."""
-    return [str(p) for p in files_under(*roots) if needle in p.read_bytes()]
 
 
 def models_holding(double: OllamaDouble, text: str) -> list[str]:
@@ -64,22 +57,9 @@ def models_holding(double: OllamaDouble, text: str) -> list[str]:
 
 
 def distinctive(point: MemoryPoint, others: list[MemoryPoint]) -> str:
-    """The point's longest line of a pair that no other point's content holds (one line: raw
-    in every file, JSON escapes nothing in it)."""
-    lines = sorted(
-        (
-            line.strip()
-            for p in pairs_from_point(point)
-            for t in (p.prompt, p.completion)
-            for line in t.splitlines()
-        ),
-        key=len,
-        reverse=True,
-    )
-    for line in lines:
-        if len(line) >= 30 and not any(line in o.content for o in others if o.id != point.id):
-            return line
-    raise AssertionError(f"point {point.id} has no distinctive text")
+    line = traces.distinctive(point, others, min_len=30)
+    assert line is not None, f"point {point.id} has no distinctive text"
+    return line
 
 
 def distinctive_of(text: str, point: MemoryPoint, others: list[MemoryPoint]) -> str | None:
@@ -118,20 +98,28 @@ async def world(
                 await svc.stop()
 
 
+async def promote_and_pick(
+    lp: Loop, batch: list[MemoryPoint]
+) -> tuple[RunReport, ModelLineage, MemoryPoint]:
+    """Memory `batch`, one run that must be promoted, its model's lineage, and the first point
+    that model holds."""
+    await lp.add(batch)
+    report = await lp.run()
+    assert report.status == "success", report.decision_reason or report.error
+    baked = await lp.lineage(report)
+    return report, baked, next(p for p in batch if p.id == baked.points[0].id)
+
+
 async def test_a_baked_point_leaves_no_trace(
     tmp_path: Path, bus: Bus, ollama_double: OllamaDouble, nats_server: EmbeddedNats
 ) -> None:
     batch = points(0, 150)
     async with world(tmp_path, bus, ollama_double, nats_server) as w:
         lp = w.lp
-        await lp.add(batch)
-        report = await lp.run()
-        assert report.status == "success", report.decision_reason or report.error
+        report, baked, victim = await promote_and_pick(lp, batch)
         live = report.new_model
         assert lp.left() == live
-        baked = await lp.lineage(report)
         by_id = {p.id: p for p in batch}
-        victim = by_id[baked.points[0].id]
         text = distinctive(victim, batch)
         needle = text.encode("utf-8")
         data_dir, store = lp.settings.data_path, nats_server.store_dir
@@ -374,11 +362,7 @@ async def test_a_deletion_that_fails_halfway_is_finished_by_its_redelivery(
     batch = points(0, 150)
     async with world(tmp_path, bus, ollama_double, nats_server) as w:
         lp = w.lp
-        await lp.add(batch)
-        report = await lp.run()
-        assert report.status == "success", report.decision_reason or report.error
-        baked = await lp.lineage(report)
-        victim = next(p for p in batch if p.id == baked.points[0].id)
+        report, _, victim = await promote_and_pick(lp, batch)
         needle = distinctive(victim, batch).encode("utf-8")
         # the config is switched, then the backend refuses the delete: the handler fails after
         # the switch, before the files, the streams and the corpus
