@@ -183,14 +183,7 @@ class Forgetter:
         runs = {x.run_id for x in decided.retire}
         if found:
             runs |= await asyncio.to_thread(self._scrub_files, found, out)
-            out.events_erased = len(
-                await self.bus.erase_messages(
-                    TRAINING_STREAM,
-                    ">",
-                    lambda _s, data: forgetting.holds(data, found),
-                )
-            )
-            for stream in (VALIDATION_STREAM, DLQ_STREAM):
+            for stream in (TRAINING_STREAM, VALIDATION_STREAM, DLQ_STREAM):
                 out.events_erased += len(
                     await self.bus.erase_messages(
                         stream, ">", lambda _s, data: forgetting.holds(data, found)
@@ -301,13 +294,7 @@ class Forgetter:
 def _run_of(path: Path, root: Path) -> str | None:
     """The run id a run file belongs to (`train_data_<run>.jsonl`, `<run>/...`), if any."""
     rel = path.relative_to(root)
-    if len(rel.parts) > 1:
-        return rel.parts[0]
-    stem = path.name.split(".", 1)[0]
-    for prefix in ("train_data_", "Modelfile_", "report_", "lineage_"):
-        if stem.startswith(prefix):
-            return stem[len(prefix) :]
-    return None
+    return rel.parts[0] if len(rel.parts) > 1 else RunNames.run_of_file(path.name)
 
 
 async def serve(

@@ -135,6 +135,15 @@ class RunNames:
     def lineage_file(self) -> str:
         return f"lineage_{self.run_id}.json"
 
+    @staticmethod
+    def run_of_file(name: str) -> str | None:
+        """The run id in one of the run-file names above (a run id has no dot), or None."""
+        stem = name.split(".", 1)[0]
+        for prefix in ("train_data_", "Modelfile_", "report_", "lineage_"):
+            if stem.startswith(prefix):
+                return stem[len(prefix) :]
+        return None
+
     def model_name(self, base_model: str) -> str:
         """`qwen3:0.6b` → `mindx-qwen3-0.6b:20261126-120501` (a valid Ollama name)."""
         stem = base_model.rsplit("/", 1)[-1]
